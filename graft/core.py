@@ -1,0 +1,473 @@
+"""The grafting math: entropies, the adaptive weight, and the blend of two state dicts.
+
+Pure tensor functions. No file I/O, no torch.distributed: the ring (graft.ring) and the
+training loop call these, and the tests check them in isolation.
+
+Two modes:
+* ``compat="default"``: the paper's formulas, every weight value counted, BatchNorm tensors
+  blended with the alpha of the conv that feeds them.
+* ``compat="reference"``: the official code (fxmeng/filter-grafting, grafting_cifar/grafting.py)
+  with its quirks, so that published numbers can be reproduced. README lists each difference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "weight_entropy",
+    "weight_entropies",
+    "filter_entropy",
+    "reference_entropy",
+    "adaptive_weight",
+    "GraftPlan",
+    "GraftReport",
+    "make_plan",
+    "plan_entropies",
+    "graft_with_entropies",
+    "graft_state_dict",
+    "check_compatible",
+    "check_finite",
+    "count_invalid_filters",
+]
+
+LEVELS = ("layer", "filter")
+COMPATS = ("default", "reference")
+
+
+# --------------------------------------------------------------------------------------------
+# Entropy
+# --------------------------------------------------------------------------------------------
+
+
+def _rows_entropy(rows: Tensor, segment: Tensor, lengths: Tensor, bins: int,
+                  padding: Tensor | None = None) -> Tensor:
+    """Entropy of each segment's histogram, ``bins`` equal-width bins over the segment's [min, max].
+
+    ``rows`` is a 2-D float tensor whose row r belongs to segment ``segment[r]``; ``lengths`` is
+    each segment's number of values. A segment's rows may end in ``padding[s]`` copies of its own
+    first value (so that min and max are unchanged); they are taken out of the counts again.
+    Every step is one vectorized pass: row min/max, scale to bin positions, one bincount.
+    """
+    n = lengths.numel()
+    row_lo, row_hi = rows.amin(dim=1), rows.amax(dim=1)  # far faster than aminmax(dim=1) on CPU
+    inf = torch.full((n,), float("inf"), dtype=rows.dtype, device=rows.device)
+    lo = inf.scatter_reduce(0, segment, row_lo, "amin")
+    hi = (-inf).scatter_reduce(0, segment, row_hi, "amax")
+    width = hi - lo
+    # A constant segment has width 0: every value falls into bin 0 and the entropy is 0.
+    scale = bins / torch.where(width > 0, width, torch.ones_like(width))
+    position = torch.addcmul((-lo * scale)[segment, None], rows, scale[segment, None])
+    index = position.to(torch.int32).clamp_(0, bins - 1)  # the maximum lands in the top bin
+    index += (segment.to(torch.int32) * bins)[:, None]
+    counts = torch.bincount(index.view(-1), minlength=n * bins)
+    if padding is not None:
+        first_row = torch.searchsorted(segment, torch.arange(n, device=segment.device))
+        counts.index_add_(0, index[first_row, 0].long(), -padding)
+    p = counts.view(n, bins).to(rows.dtype) / lengths.to(rows.dtype).unsqueeze(1)
+    return -torch.xlogy(p, p).sum(1)
+
+
+def _as_float(t: Tensor) -> Tensor:
+    t = t.detach()
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def filter_entropy(tensor: Tensor, bins: int = 10) -> Tensor:
+    """Entropy of each output filter (each slice along dim 0) of a weight tensor."""
+    _check_bins(bins)
+    rows = _as_float(tensor).reshape(tensor.shape[0], -1)
+    f, k = rows.shape
+    segment = torch.arange(f, device=rows.device)
+    return _rows_entropy(rows, segment, torch.full((f,), k, device=rows.device), bins)
+
+
+def weight_entropy(tensor: Tensor, bins: int = 10) -> Tensor:
+    """Shannon entropy (natural log) of the histogram of all values of ``tensor``.
+
+    ``bins`` equal-width bins span [min, max]; every value is counted, the maximum in the top
+    bin. A constant tensor has entropy 0. Returns a 0-dim tensor on the tensor's device.
+    """
+    return filter_entropy(tensor.reshape(1, -1), bins)[0]
+
+
+def weight_entropies(tensors: Sequence[Tensor], bins: int = 10, row: int = 1024) -> Tensor:
+    """``weight_entropy`` of many tensors (e.g. every layer of a model) in one vectorized call.
+
+    The values are laid out as rows of ``row`` values, each tensor's last row padded with its
+    own first value, so that per-tensor min, max and bin positions broadcast per row.
+    """
+    _check_bins(bins)
+    if len(tensors) == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    flat = [_as_float(t).reshape(-1) for t in tensors]
+    dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
+    row = max(1, min(row, max(f.numel() for f in flat)))
+    pieces, rows_per, pads = [], [], []
+    for f in flat:
+        pad = -f.numel() % row
+        pieces += [f.to(dtype), f[:1].to(dtype).expand(pad)]
+        rows_per.append((f.numel() + pad) // row)
+        pads.append(pad)
+    device = flat[0].device
+    segment = torch.repeat_interleave(torch.arange(len(flat), device=device),
+                                      torch.tensor(rows_per, device=device))
+    lengths = torch.tensor([f.numel() for f in flat], device=device)
+    return _rows_entropy(torch.cat(pieces).view(-1, row), segment, lengths, bins,
+                         torch.tensor(pads, device=device))
+
+
+def reference_entropy(tensor: Tensor, bins: int = 10) -> float:
+    """The official code's entropy: bins [min + i*s, min + (i+1)*s) with s = (max - min)/bins.
+
+    The top bin's upper bound is strict, so the maximum value (and anything rounding onto the
+    top edge) is never counted; probabilities are divided by the full element count. Computed in
+    one vectorized pass with the same float32 edges as the official loop. The official code
+    crashes on a constant tensor; here it has entropy 0.
+    """
+    _check_bins(bins)
+    x = tensor.detach().reshape(-1)
+    lo, hi = x.min(), x.max()
+    scale = (hi - lo) / bins
+    edges = lo + torch.arange(bins + 1, device=x.device, dtype=x.dtype) * scale
+    # bucketize(right=True) returns j with edges[j-1] <= x < edges[j]; bin j-1 is [e_{j-1}, e_j).
+    slot = torch.bucketize(x, edges, right=True)
+    counts = torch.bincount(slot, minlength=bins + 2)[1:bins + 1]
+    p = counts.to(torch.float32) / len(x)
+    terms = torch.xlogy(p, p)
+    return float(-terms.sum())
+
+
+def _check_bins(bins: int) -> None:
+    if not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptive weight
+# --------------------------------------------------------------------------------------------
+
+
+def _graft_offset(h_self, h_peer, A: float, c: float):
+    """alpha - 0.5. Kept separate so that alpha(a, b) and alpha(b, a) blend bit-identically."""
+    if isinstance(h_self, Tensor) or isinstance(h_peer, Tensor):
+        return A / math.pi * torch.atan(c * (torch.as_tensor(h_self) - torch.as_tensor(h_peer)))
+    return A / math.pi * math.atan(c * (h_self - h_peer))
+
+
+def adaptive_weight(h_self, h_peer, A: float = 0.4, c: float = 500):
+    """alpha = (A/pi) * arctan(c * (h_self - h_peer)) + 0.5, on floats or tensors.
+
+    A network keeps alpha of its own weights and takes 1 - alpha of its peer's; the one whose
+    layer carries more information (higher entropy) keeps more of itself.
+    """
+    return _graft_offset(h_self, h_peer, A, c) + 0.5
+
+
+def _reference_alpha(h_self: float, h_peer: float, A: float, c: float) -> float:
+    """The official code's alpha: rounded to two decimals."""
+    return round(A / math.pi * math.atan(c * (h_self - h_peer)) + 0.5, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Which tensors get an alpha, and which follow another's
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GraftPlan:
+    """How a state dict is grafted, derived from its keys and shapes alone.
+
+    ``layers`` are the keys whose entropy defines an alpha (conv and linear weights, and any
+    other floating tensor that belongs to no conv). ``follows[key]`` names the layer whose alpha
+    ``key`` is blended with (a layer follows itself). Keys in neither are left alone (integer
+    buffers such as num_batches_tracked).
+    """
+
+    layers: tuple[str, ...]
+    follows: dict[str, str]
+    compat: str = "default"
+    # Filter level: conv weight key -> the BatchNorm prefix after it, and the BN's next conv.
+    bn_after: dict[str, str] = field(default_factory=dict)
+    next_conv: dict[str, str] = field(default_factory=dict)
+
+
+def _prefix(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def make_plan(state: Mapping[str, Tensor], compat: str = "default") -> GraftPlan:
+    """Group a state dict's tensors into layers.
+
+    Default mode, in state-dict order (which is registration order, i.e. data-flow order in
+    ResNet, MobileNetV2, VGG, WRN and torchvision models):
+    * a weight with 2 or more dims (conv, linear) defines a layer; its bias follows it;
+    * a BatchNorm (a module prefix holding ``running_mean``) follows the closest conv or linear
+      weight before it whose output channels equal the BN's features; with none, its weight
+      defines a layer of its own;
+    * any other floating tensor (LayerNorm, embeddings, ...) defines a layer of its own.
+
+    Reference mode: every key containing "conv" defines a layer, every other key follows the
+    last such key before it, as the official loop does.
+    """
+    if compat not in COMPATS:
+        raise ValueError(f"compat must be one of {COMPATS}, got {compat!r}")
+    keys = list(state.keys())
+    if compat == "reference":
+        return _reference_plan(state, keys)
+
+    bn_prefixes = {_prefix(k) for k in keys if k.endswith("running_mean")}
+    layers: list[str] = []
+    follows: dict[str, str] = {}
+    bn_leader: dict[str, str] = {}   # BN prefix -> the key whose alpha it uses
+    bn_after: dict[str, str] = {}    # conv weight -> the BN that normalises its output
+    next_conv: dict[str, str] = {}   # BN prefix -> the conv that consumes its output
+    last_weight: str | None = None   # last conv/linear weight seen
+    pending_bn: list[str] = []       # BNs waiting for the conv that consumes them
+    for key in keys:
+        t = state[key]
+        if not t.is_floating_point():
+            continue
+        prefix = _prefix(key)
+        if prefix in bn_prefixes:
+            if prefix not in bn_leader:
+                features = state[f"{prefix}.running_mean"].shape[0]
+                paired = last_weight is not None and state[last_weight].shape[0] == features
+                bn_leader[prefix] = last_weight if paired else key
+                if not paired:  # no conv feeds it: the BN's first tensor defines a layer
+                    layers.append(key)
+                elif state[last_weight].dim() > 2:
+                    bn_after.setdefault(last_weight, prefix)
+                pending_bn.append(prefix)
+            follows[key] = bn_leader[prefix]
+        elif t.dim() >= 2 and key.endswith("weight"):
+            layers.append(key)
+            follows[key] = key
+            last_weight = key
+            for bn in pending_bn:
+                if t.dim() > 2 and state[f"{bn}.running_mean"].shape[0] == t.shape[1]:
+                    next_conv[bn] = key
+            pending_bn = []
+        elif key.endswith("bias") and follows.get(f"{prefix}.weight") == f"{prefix}.weight":
+            follows[key] = f"{prefix}.weight"
+        else:
+            layers.append(key)
+            follows[key] = key
+    return GraftPlan(tuple(layers), follows, "default", bn_after, next_conv)
+
+
+def _reference_plan(state: Mapping[str, Tensor], keys: list[str]) -> GraftPlan:
+    layers: list[str] = []
+    follows: dict[str, str] = {}
+    last: str | None = None
+    for key in keys:
+        if "conv" in key:
+            last = key
+            layers.append(key)
+        if last is None:
+            raise ValueError(
+                f"compat='reference' needs a key containing 'conv' before {key!r}: the official "
+                "code has no alpha to blend it with (it would crash)")
+        follows[key] = last
+    return GraftPlan(tuple(layers), follows, "reference")
+
+
+# --------------------------------------------------------------------------------------------
+# Blending
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerRecord:
+    layer: str
+    entropy_self: float
+    entropy_peer: float
+    alpha: float
+
+
+@dataclass
+class GraftReport:
+    """What one graft did: per alpha-defining layer its entropies and alpha."""
+
+    level: str
+    compat: str
+    layers: list[LayerRecord]
+    follows: dict[str, str]
+    fallbacks: list[str] = field(default_factory=list)  # filter level: convs without a BN
+
+    def mean_alpha(self) -> float:
+        return sum(r.alpha for r in self.layers) / max(len(self.layers), 1)
+
+    def as_records(self) -> list[dict]:
+        return [vars(r).copy() for r in self.layers]
+
+
+def check_compatible(own: Mapping[str, Tensor], peer: Mapping[str, Tensor]) -> None:
+    """Raise ValueError naming the first key where the two states differ in name, shape or dtype."""
+    own_keys, peer_keys = list(own.keys()), list(peer.keys())
+    for i, (a, b) in enumerate(zip(own_keys, peer_keys)):
+        if a != b:
+            raise ValueError(f"peer state differs at key #{i}: own {a!r}, peer {b!r}")
+    if len(own_keys) != len(peer_keys):
+        longer, name = (own_keys, "own") if len(own_keys) > len(peer_keys) else (peer_keys, "peer")
+        raise ValueError(f"key {longer[min(len(own_keys), len(peer_keys))]!r} only in the {name} state")
+    for key in own_keys:
+        a, b = own[key], peer[key]
+        if a.shape != b.shape:
+            raise ValueError(f"peer state key {key!r}: shape {tuple(b.shape)} != own {tuple(a.shape)}")
+        if a.dtype != b.dtype:
+            raise ValueError(f"peer state key {key!r}: dtype {b.dtype} != own {a.dtype}")
+
+
+def check_finite(state: Mapping[str, Tensor], name: str = "state") -> None:
+    """Raise ValueError naming the first layer holding NaN or Inf (one device sync in all)."""
+    keys = [k for k, t in state.items() if t.is_floating_point() and t.numel()]
+    if not keys:
+        return
+    finite = torch.stack([state[k].isfinite().all() for k in keys]).tolist()
+    for key, ok in zip(keys, finite):
+        if not ok:
+            raise ValueError(f"{name}: NaN or Inf in {key!r}; refusing to graft")
+
+
+def plan_entropies(state: Mapping[str, Tensor], plan: GraftPlan, bins: int = 10) -> Tensor:
+    """The entropy of every layer of ``plan`` (float64, on the state's device)."""
+    tensors = [state[k] for k in plan.layers]
+    if plan.compat == "reference":
+        return torch.tensor([reference_entropy(t, bins) for t in tensors], dtype=torch.float64)
+    return weight_entropies(tensors, bins).to(torch.float64)
+
+
+def _blend(own: Tensor, peer: Tensor, offset) -> Tensor:
+    """alpha * own + (1 - alpha) * peer with alpha = 0.5 + offset, written so that blending a
+    tensor with itself is exact and the two sides of a 2-network ring get identical results."""
+    if isinstance(offset, Tensor):
+        offset = offset.to(own.dtype)
+    return 0.5 * (own + peer) + offset * (own - peer)
+
+
+def graft_with_entropies(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], plan: GraftPlan,
+                         h_self: Tensor, h_peer: Tensor, level: str = "layer",
+                         A: float = 0.4, c: float = 500) -> tuple[dict[str, Tensor], GraftReport]:
+    """Blend ``peer`` into ``own`` given both states' layer entropies (as the ring has them)."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if plan.compat == "reference" and level == "filter":
+        raise ValueError("compat='reference' supports level='layer' only")
+    hs, hp = h_self.tolist(), h_peer.tolist()
+    if plan.compat == "reference":
+        alphas = [_reference_alpha(a, b, A, c) for a, b in zip(hs, hp)]
+        offsets = dict(zip(plan.layers, alphas))
+    else:
+        off = _graft_offset(h_self.to(torch.float64), h_peer.to(torch.float64), A, c)
+        alphas = (off + 0.5).tolist()
+        offsets = dict(zip(plan.layers, off.unbind(0)))
+    report = GraftReport(level, plan.compat,
+                         [LayerRecord(k, a, b, al) for k, a, b, al in zip(plan.layers, hs, hp, alphas)],
+                         dict(plan.follows))
+
+    out: dict[str, Tensor] = {}
+    filter_offsets = _filter_offsets(own, peer, plan, report) if level == "filter" else {}
+    for key, t in own.items():
+        leader = plan.follows.get(key)
+        if leader is None:
+            out[key] = t.clone()
+        elif plan.compat == "reference":
+            w = offsets[leader]
+            out[key] = (t * w + peer[key] * (1 - w)).to(t.dtype)
+        elif key in filter_offsets:
+            out[key] = _blend_filters(t, peer[key], *filter_offsets[key], offsets[leader])
+        else:
+            out[key] = _blend(t, peer[key], offsets[leader])
+    return out, report
+
+
+def _filter_offsets(own, peer, plan: GraftPlan, report: GraftReport) -> dict[str, tuple]:
+    """Filter level: per-channel offsets from the |gamma| of the BN after each conv.
+
+    Returns key -> (output-channel offsets or None, input-channel offsets or None) with
+    alpha_j = |g_self_j| / (|g_self_j| + |g_peer_j|) written as an offset from 0.5 (0/0 -> 0.5).
+    """
+    channel: dict[str, Tensor] = {}
+    for conv, bn in plan.bn_after.items():
+        g_self, g_peer = own[f"{bn}.weight"].abs(), peer[f"{bn}.weight"].abs()
+        total = g_self + g_peer
+        channel[bn] = torch.where(total > 0, 0.5 * (g_self - g_peer) / total, torch.zeros_like(total))
+    out_off = {key: channel[plan.bn_after[leader]]
+               for key, leader in plan.follows.items() if leader in plan.bn_after}
+    in_off = {conv: channel[bn] for bn, conv in plan.next_conv.items() if bn in channel}
+    report.fallbacks.extend(k for k in plan.layers if own[k].dim() > 2 and k not in plan.bn_after)
+    by_layer = {r.layer: r for r in report.layers}
+    for conv, bn in plan.bn_after.items():
+        by_layer[conv].alpha = float(0.5 + channel[bn].mean())
+    return {k: (out_off.get(k), in_off.get(k)) for k in out_off.keys() | in_off.keys()}
+
+
+def _blend_filters(own: Tensor, peer: Tensor, out_off, in_off, layer_off) -> Tensor:
+    """Blend along output channels (dim 0) and, for a conv fed by a BN, input channels (dim 1).
+
+    A conv weight's element (i, j) keeps alpha_out_i * alpha_in_j of itself, which is what the
+    official code's two successive blends (input channels, then output filters) amount to. A
+    conv with no BN after it uses its layer alpha for the output side.
+    """
+    def column(off: Tensor, dim: int) -> Tensor:
+        shape = [1] * own.dim()
+        shape[dim] = -1
+        return off.to(own.dtype).view(shape)
+
+    if in_off is None:
+        return _blend(own, peer, column(out_off, 0))
+    alpha_out = 0.5 + (column(out_off, 0) if out_off is not None else layer_off.to(own.dtype))
+    alpha = alpha_out * (0.5 + column(in_off, 1))
+    return alpha * own + (1 - alpha) * peer
+
+
+def graft_state_dict(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], level: str = "layer",
+                     A: float = 0.4, c: float = 500, bins: int = 10,
+                     compat: str = "default") -> tuple[dict[str, Tensor], GraftReport]:
+    """Graft ``peer`` into ``own``: returns (new state dict, report). Inputs are not modified.
+
+    Raises ValueError, before changing anything, when the states differ in keys, shapes or
+    dtypes, or when either holds NaN or Inf.
+    """
+    check_compatible(own, peer)
+    check_finite(own, "own state")
+    check_finite(peer, "peer state")
+    plan = make_plan(own, compat)
+    h_self = plan_entropies(own, plan, bins)
+    h_peer = plan_entropies(peer, plan, bins)
+    return graft_with_entropies(own, peer, plan, h_self, h_peer, level, A, c)
+
+
+# --------------------------------------------------------------------------------------------
+# Invalid filters
+# --------------------------------------------------------------------------------------------
+
+
+def count_invalid_filters(model_or_state_dict, thresholds: Iterable[float] = (0.1, 0.01)) -> dict:
+    """Count conv filters whose L1 norm falls below each threshold (the paper's "invalid" filters).
+
+    Every floating weight with 3 or more dims is a conv weight; a filter is one slice along
+    dim 0. Returns ``{"total": F, "invalid": {thr: n}, "layers": [{"layer", "filters",
+    "invalid": {thr: n}}]}``.
+    """
+    state = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module)
+             else model_or_state_dict)
+    thresholds = tuple(float(t) for t in thresholds)
+    convs = [(k, t) for k, t in state.items()
+             if t.is_floating_point() and t.dim() >= 3 and k.endswith("weight")]
+    if not convs:
+        return {"total": 0, "invalid": {t: 0 for t in thresholds}, "layers": []}
+    norms = [t.detach().flatten(1).abs().sum(1) for _, t in convs]
+    thr = torch.tensor(thresholds, dtype=norms[0].dtype, device=norms[0].device)
+    below = torch.stack([(n.unsqueeze(1) < thr).sum(0) for n in norms]).tolist()
+    layers = [{"layer": k, "filters": t.shape[0], "invalid": dict(zip(thresholds, b))}
+              for (k, t), b in zip(convs, below)]
+    totals = [sum(col) for col in zip(*below)]
+    return {"total": sum(t.shape[0] for _, t in convs), "invalid": dict(zip(thresholds, totals)),
+            "layers": layers}
