@@ -33,6 +33,7 @@ __all__ = [
     "graft_state_dict",
     "check_compatible",
     "check_finite",
+    "first_non_finite",
     "count_invalid_filters",
 ]
 
@@ -324,15 +325,20 @@ def check_compatible(own: Mapping[str, Tensor], peer: Mapping[str, Tensor]) -> N
             raise ValueError(f"peer state key {key!r}: dtype {b.dtype} != own {a.dtype}")
 
 
-def check_finite(state: Mapping[str, Tensor], name: str = "state") -> None:
-    """Raise ValueError naming the first layer holding NaN or Inf (one device sync in all)."""
+def first_non_finite(state: Mapping[str, Tensor]) -> str | None:
+    """The first key holding NaN or Inf, or None (one device sync in all)."""
     keys = [k for k, t in state.items() if t.is_floating_point() and t.numel()]
     if not keys:
-        return
+        return None
     finite = torch.stack([state[k].isfinite().all() for k in keys]).tolist()
-    for key, ok in zip(keys, finite):
-        if not ok:
-            raise ValueError(f"{name}: NaN or Inf in {key!r}; refusing to graft")
+    return next((k for k, ok in zip(keys, finite) if not ok), None)
+
+
+def check_finite(state: Mapping[str, Tensor], name: str = "state") -> None:
+    """Raise ValueError naming the first layer holding NaN or Inf."""
+    key = first_non_finite(state)
+    if key is not None:
+        raise ValueError(f"{name}: NaN or Inf in {key!r}; refusing to graft")
 
 
 def plan_entropies(state: Mapping[str, Tensor], plan: GraftPlan, bins: int = 10) -> Tensor:

@@ -73,6 +73,6 @@ class CifarResNet(nn.Module):
 
 MODELS = {
     f"resnet{d}{suffix}": partial(CifarResNet, d, leaky=leaky)
-    for d in (20, 32, 44, 56, 110)
+    for d in (8, 20, 32, 44, 56, 110)
     for suffix, leaky in (("", False), ("_leaky", True))
 }

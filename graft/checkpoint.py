@@ -1,0 +1,93 @@
+"""One checkpoint format, written atomically, keyed by network index (never by rank).
+
+Layout under the run directory::
+
+    checkpoints/net{k}/epoch{e:04d}.pt   the resume point after epoch e (grafted weights,
+                                         optimizer, scheduler, scaler, RNG states); the last
+                                         ``keep`` epochs are kept so that networks can agree on
+                                         an epoch they have all completed
+    checkpoints/net{k}/best.pt           the best evaluated (pre-graft) weights of network k
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "graft-checkpoint/1"
+_EPOCH_FILE = re.compile(r"epoch(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: the message names the file and why."""
+
+
+def network_dir(run_dir: str | Path, network: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"net{network}"
+
+
+def epoch_path(run_dir: str | Path, network: int, epoch: int) -> Path:
+    return network_dir(run_dir, network) / f"epoch{epoch:04d}.pt"
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    A crash or a full disk leaves the previous file untouched (the temporary file is removed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_epoch(run_dir: str | Path, network: int, epoch: int, payload: dict, keep: int = 2) -> Path:
+    """Save network ``network``'s resume point after ``epoch``; prune all but the last ``keep``."""
+    path = epoch_path(run_dir, network, epoch)
+    atomic_save({"format": FORMAT, "network": network, "epoch": epoch, **payload}, path)
+    for old in sorted(epoch_files(run_dir, network))[:-keep]:
+        old[1].unlink(missing_ok=True)
+    return path
+
+
+def epoch_files(run_dir: str | Path, network: int) -> list[tuple[int, Path]]:
+    d = network_dir(run_dir, network)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _EPOCH_FILE.search(p.name))]
+    return sorted(found)
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint, or raise CheckpointError naming the file (truncated, corrupt, foreign)."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a graft checkpoint (format {obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r})")
+    return obj
+
+
+def newest_complete(run_dir: str | Path, network: int) -> tuple[int, list[str]]:
+    """The newest epoch whose checkpoint for ``network`` loads; also the files skipped and why."""
+    skipped = []
+    for epoch, path in reversed(epoch_files(run_dir, network)):
+        try:
+            load(path)
+            return epoch, skipped
+        except CheckpointError as e:
+            skipped.append(str(e))
+    return -1, skipped

@@ -1,0 +1,252 @@
+"""The one config schema: dataclasses loaded from YAML, dotted ``key=value`` overrides, validation.
+
+Every error names the key and where it came from (the YAML file or the command line), so a
+cluster job fails in its first second with a message a user can act on, before any process
+group or data set is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the source and the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "tar"             # cifar10 | cifar100 | imagefolder | tar | synthetic
+    root: str = "tests/fixtures/cifar10_sample.tar.gz"
+    download: bool = False        # cifar10/cifar100: let torchvision download when online
+    train_subset: int = 0         # 0 = all; else a class-balanced subset of this many images
+    test_subset: int = 0
+    val_fraction: float = 0.0     # hold out this class-balanced share of train as validation
+    eval_split: str = "test"      # test | val
+    workers: int = 2              # DataLoader workers for folder data not held in memory
+    cache_dir: str = ""           # decoded tar archives; "" = ~/.cache/graft
+    in_memory: bool = True        # uint8 tensors on the training device, batched augmentation
+    image_size: int = 32
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "step"        # step (x gamma every step_size epochs) | cosine (per iteration) | constant
+    step_size: int = 60
+    gamma: float = 0.1
+    difflr: bool = False          # network k (1..N) starts at lr * (1 + cos(pi * (N - k) / N)) / 2
+
+
+@dataclass
+class GraftingConfig:
+    enabled: bool = True
+    level: str = "layer"          # layer | filter
+    A: float = 0.4
+    c: float = 500.0
+    bins: int = 10
+    compat: str = "default"       # default (the paper's formulas) | reference (the official code's)
+    exchange: str = "auto"        # auto | all_gather | ring (send/recv); auto: ring on NCCL, all_gather on gloo
+
+
+@dataclass
+class Config:
+    model: str = "resnet20"
+    num_classes: int = 0          # 0 = from the data set
+    epochs: int = 200
+    batch_size: int = 128         # per network (per replica in hybrid mode)
+    eval_batch_size: int = 500
+    seed: int = 0
+    output_dir: str = "runs/default"
+    resume: str = "auto"          # auto (newest epoch every network completed) | never
+    data_parallel: int = 1        # replicas per network (DDP); world size = networks x data_parallel
+    backend: str = "auto"         # auto | nccl | gloo
+    device: str = "auto"          # auto | cpu | cuda
+    timeout: float = 1800.0       # seconds a rank waits for its peers at an epoch boundary
+    amp: str = "off"              # off | bf16 | fp16 (CUDA only)
+    channels_last: bool = True
+    compile: bool = False
+    progress: bool = True         # tqdm bar on each node's local rank 0
+    invalid_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.01])
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grafting: GraftingConfig = field(default_factory=GraftingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, keys=("model", "num_classes", "data_parallel")) -> str:
+        """Hash of what a checkpoint must agree on to be resumed."""
+        part = {k: getattr(self, k) for k in keys}
+        part["grafting"] = {"level": self.grafting.level, "compat": self.grafting.compat}
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+CHOICES = {
+    "resume": ("auto", "never"),
+    "backend": ("auto", "nccl", "gloo"),
+    "device": ("auto", "cpu", "cuda"),
+    "amp": ("off", "bf16", "fp16"),
+    "data.name": ("cifar10", "cifar100", "imagefolder", "tar", "synthetic"),
+    "data.eval_split": ("test", "val"),
+    "optim.schedule": ("step", "cosine", "constant"),
+    "grafting.level": ("layer", "filter"),
+    "grafting.compat": ("default", "reference"),
+    "grafting.exchange": ("auto", "all_gather", "ring"),
+}
+
+# key -> (low, high, inclusive-low); None = unbounded
+RANGES = {
+    "epochs": (1, None), "batch_size": (1, None), "eval_batch_size": (1, None), "seed": (0, None),
+    "num_classes": (0, None), "data_parallel": (1, None), "timeout": (1e-3, None),
+    "data.train_subset": (0, None), "data.test_subset": (0, None), "data.val_fraction": (0, 0.9),
+    "data.workers": (0, None), "data.image_size": (8, None),
+    "optim.lr": (0, None), "optim.momentum": (0, 1), "optim.weight_decay": (0, None),
+    "optim.step_size": (1, None), "optim.gamma": (0, 1),
+    "grafting.A": (0, 1), "grafting.c": (0, None), "grafting.bins": (2, None),
+}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _build(cls, values: dict, source: str, prefix: str = ""):
+    """Make a ``cls`` from a dict, checking every key and type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, "
+                          f"got {type(values).__name__}")
+    fields = _fields(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{name}'{hint}")
+        kwargs[key] = _convert(hints[key], value, source, name)
+    return cls(**kwargs)
+
+
+def _convert(hint, value, source: str, name: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, name + ".")
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {name}: expected a list, got {value!r}")
+        return [_convert(item, v, source, f"{name}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{source}: {name}: expected {hint.__name__}, got {value!r}")
+
+
+def _get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config, source: str = "config") -> Config:
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key}: must be one of {', '.join(choices)}; got {value!r}")
+    for key, (low, high) in RANGES.items():
+        value = _get(cfg, key)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{source}: {key}: must be {bounds}; got {value!r}")
+    if any(t <= 0 for t in cfg.invalid_thresholds):
+        raise ConfigError(f"{source}: invalid_thresholds: must be positive; got {cfg.invalid_thresholds}")
+    if cfg.grafting.compat == "reference" and cfg.grafting.level != "layer":
+        raise ConfigError(f"{source}: grafting.compat: 'reference' supports grafting.level=layer only")
+    if cfg.data.eval_split == "val" and cfg.data.val_fraction <= 0:
+        raise ConfigError(f"{source}: data.eval_split: 'val' needs data.val_fraction > 0")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``optim.lr=0.05`` -> (["optim", "lr"], 0.05); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"command line: expected key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: {key}: cannot parse value {raw!r}: {e}") from None
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    values: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    cfg = _build(Config, values, source)
+    validate(cfg, source)
+    for text in overrides:
+        parts, value = parse_override(text)
+        merged = cfg.to_dict()
+        node = merged
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                name = ".".join(parts[:i + 1])
+                raise ConfigError(f"command line: unknown key '{text.partition('=')[0]}' "
+                                  f"('{name}' is not a section)")
+            node = node[part]
+        if parts[-1] not in node:
+            _build(_section_class(parts[:-1]), {parts[-1]: value}, "command line",
+                   "".join(p + "." for p in parts[:-1]))
+        node[parts[-1]] = value
+        cfg = _build(Config, merged, "command line")
+    return validate(cfg, "command line" if overrides else source)
+
+
+def _section_class(parts: list[str]):
+    cls = Config
+    for part in parts:
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

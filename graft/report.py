@@ -1,0 +1,91 @@
+"""metrics.jsonl, the per-epoch table and the end-of-run summary (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+
+class MetricsLog:
+    """One JSON record per network per epoch; after a resume, records past the resume point
+    are dropped so that each (network, epoch) appears exactly once."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        return records
+
+    def truncate(self, after_epoch: int) -> None:
+        keep = [r for r in self.read() if r["epoch"] <= after_epoch]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+
+
+def epoch_table(records: list[dict], epochs: int, thresholds) -> str:
+    """The table rank 0 prints after every epoch: one row per network."""
+    records = sorted(records, key=lambda r: r["network"])
+    epoch = records[0]["epoch"]
+    thr = [str(float(t)) for t in thresholds]
+    head = (f"epoch {epoch + 1}/{epochs}  ensemble acc {records[0].get('ensemble_acc', float('nan')):.2f}%\n"
+            f"{'net':>3} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'alpha':>6} "
+            + " ".join(f"{'inv<' + t:>9}" for t in thr) + f" {'img/s':>7} {'epoch s':>8} {'graft s':>8}")
+    rows = [head]
+    for r in records:
+        alpha = r.get("mean_alpha")
+        inv = " ".join(f"{r['invalid_filters'][t]:>4}/{r['filters']:<4}" for t in thr)
+        rows.append(f"{r['network']:>3} {r['lr']:>8.4f} {r['train_loss']:>7.3f} {r['train_acc']:>7.2f} "
+                    f"{r['test_acc']:>7.2f} {'-' if alpha is None else format(alpha, '.3f'):>6} {inv} "
+                    f"{r['images_per_sec']:>7.0f} {r['epoch_seconds']:>8.2f} {r['graft_seconds']:>8.3f}")
+    return "\n".join(rows)
+
+
+def summarize(records: list[dict]) -> dict:
+    """Final and best test accuracy per network and of the ensemble; mean and spread."""
+    by_net: dict[int, list[dict]] = {}
+    for r in records:
+        by_net.setdefault(r["network"], []).append(r)
+    nets = {}
+    for k, rs in sorted(by_net.items()):
+        rs.sort(key=lambda r: r["epoch"])
+        nets[k] = {"final_acc": rs[-1]["test_acc"], "best_acc": max(r["test_acc"] for r in rs),
+                   "best_epoch": max(rs, key=lambda r: r["test_acc"])["epoch"], "epochs": len(rs)}
+    ens = [r["ensemble_acc"] for r in by_net[min(by_net)]]
+    finals = [n["final_acc"] for n in nets.values()]
+    bests = [n["best_acc"] for n in nets.values()]
+
+    def spread(xs):
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    summary = {
+        "networks": {str(k): v for k, v in nets.items()},
+        "final_acc_mean": statistics.mean(finals), "final_acc_std": spread(finals),
+        "best_acc_mean": statistics.mean(bests), "best_acc_std": spread(bests),
+        "ensemble_final_acc": ens[-1], "ensemble_best_acc": max(ens),
+    }
+    lines = ["summary (test accuracy, %)", f"{'network':>8} {'final':>7} {'best':>7} {'best epoch':>10}"]
+    lines += [f"{k:>8} {v['final_acc']:>7.2f} {v['best_acc']:>7.2f} {v['best_epoch'] + 1:>10}" for k, v in nets.items()]
+    lines.append(f"{'mean':>8} {summary['final_acc_mean']:>7.2f} {summary['best_acc_mean']:>7.2f}"
+                 f"   (std {summary['final_acc_std']:.2f} / {summary['best_acc_std']:.2f})")
+    lines.append(f"{'ensemble':>8} {summary['ensemble_final_acc']:>7.2f} {summary['ensemble_best_acc']:>7.2f}")
+    summary["table"] = "\n".join(lines)
+    return summary

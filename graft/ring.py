@@ -1,0 +1,321 @@
+"""The ring: which rank is which network, and the weight exchange between networks.
+
+Every network is its own torchrun process (or, in hybrid mode, a group of ``data_parallel``
+processes trained with DDP). At each epoch end network k grafts from network k-1 (mod N), using
+k-1's weights as they were at the end of that epoch's training. This module knows nothing of
+data, optimizers or logging: it moves tensors and names the peers that fail to show up.
+
+Exchange, per graft:
+1. every rank checks in at the epoch boundary through the rendezvous store, so a rank that
+   never arrives is named (network and rank) when the timeout runs out;
+2. the replica-0 rank of each network ("leader") all-gathers a small table: per network a
+   finite flag and the entropy of every layer, so alpha needs no second exchange and every
+   network can log the whole table;
+3. the leaders move the weights, flattened into one buffer per dtype: a ring shift on NCCL
+   (send to k+1, receive from k-1: one model of traffic per rank) or an all-gather on gloo;
+4. each leader blends (graft.core) and, in hybrid mode, broadcasts the result to its replicas.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import core
+
+
+class TopologyError(RuntimeError):
+    """The processes cannot be arranged as asked (wrong world size, GPUs shared by NCCL...)."""
+
+
+class PeerTimeout(RuntimeError):
+    """A rank did not reach the epoch boundary in time."""
+
+
+class GraftError(RuntimeError):
+    """Grafting refused (NaN or Inf weights in some network)."""
+
+
+@dataclass
+class Topology:
+    """Where this process stands: one place that knows rank, world, network and device."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    replicas: int = 1
+    backend: str = "none"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    timeout: float = 1800.0
+    network_group: object = None   # this network's replicas (DDP, broadcast)
+    leader_group: object = None    # replica 0 of every network (the ring)
+
+    @property
+    def networks(self) -> int:
+        return self.world // self.replicas
+
+    @property
+    def network(self) -> int:
+        return self.rank // self.replicas
+
+    @property
+    def replica(self) -> int:
+        return self.rank % self.replicas
+
+    @property
+    def is_leader(self) -> bool:
+        return self.replica == 0
+
+    @property
+    def peer(self) -> int:
+        """The network this one grafts from."""
+        return (self.network - 1) % self.networks
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def leader_rank(self, network: int) -> int:
+        return network * self.replicas
+
+    def describe(self) -> str:
+        ring = " <- ".join(str(k) for k in range(self.networks)) + (" <- 0" if self.networks > 1 else "")
+        return (f"topology: {self.networks} network(s) x {self.replicas} replica(s) = world {self.world}; "
+                f"backend {self.backend}; device {self.device.type}; ring (grafts from): {ring}")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+def setup(replicas: int = 1, backend: str = "auto", device: str = "auto",
+          timeout: float = 1800.0) -> Topology:
+    """Read torchrun's environment, pick backend and device, start the process group."""
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank, local_world = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world)
+    if world % replicas:
+        raise TopologyError(
+            f"world size {world} is not a multiple of data_parallel={replicas}: start "
+            f"networks x data_parallel processes (e.g. --nproc_per_node={replicas * max(1, world // replicas)})")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise TopologyError("device=cuda but no CUDA device is visible")
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl":
+        if not use_cuda:
+            raise TopologyError("backend=nccl needs CUDA devices; use backend=gloo on CPU")
+        if local_world > torch.cuda.device_count():
+            raise TopologyError(
+                f"{local_world} processes on this node but {torch.cuda.device_count()} GPU(s): NCCL cannot "
+                "put two ranks on one GPU ('Duplicate GPU detected'). Start at most "
+                f"--nproc_per_node={torch.cuda.device_count()}, or set backend=gloo to share GPUs")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    topo = Topology(rank, world, local_rank, local_world, replicas, backend if world > 1 else "none",
+                    dev, timeout)
+    if world == 1:
+        return topo
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout),
+                            device_id=dev if backend == "nccl" else None)
+    if replicas > 1:
+        # Every rank must take part in creating every group.
+        for k in range(topo.networks):
+            group = dist.new_group(list(range(k * replicas, (k + 1) * replicas)))
+            if k == topo.network:
+                topo.network_group = group
+        topo.leader_group = dist.new_group([topo.leader_rank(k) for k in range(topo.networks)])
+    else:
+        topo.leader_group = dist.group.WORLD
+    return topo
+
+
+def teardown(topo: Topology) -> None:
+    if topo.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Check-in at the epoch boundary
+# --------------------------------------------------------------------------------------------
+
+
+def arrive(topo: Topology, tag: str, timeout: float | None = None) -> None:
+    """Wait until every rank has reached ``tag``; on timeout name the ranks that did not.
+
+    Uses the rendezvous store, so a dead peer is reported by name instead of surfacing as a
+    collective's anonymous timeout.
+    """
+    if not topo.distributed:
+        return
+    timeout = topo.timeout if timeout is None else timeout
+    store = dist.distributed_c10d._get_default_store()
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"graft/{attempt}/{tag}/".__add__
+    store.set(key(str(topo.rank)), "1")
+    keys = [key(str(r)) for r in range(topo.world)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout))
+    except Exception:  # the store raises its own timeout/connection errors
+        missing = []
+        for r in range(topo.world):
+            try:
+                if not store.check([key(str(r))]):
+                    missing.append(r)
+            except Exception:
+                missing = [r for r in range(topo.world) if r != topo.rank]
+                break
+        names = ", ".join(f"network {r // topo.replicas} (rank {r})" for r in missing) or "a peer"
+        raise PeerTimeout(f"rank {topo.rank}: {names} did not arrive at {tag} within {timeout:g} s; "
+                          "it probably died: see its log. Rerun the same command to resume.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Flat buffers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlatState:
+    """A state dict as one contiguous buffer per dtype, plus where each tensor lives in it."""
+
+    buffers: dict[torch.dtype, Tensor]
+    layout: list[tuple[str, torch.dtype, int, torch.Size]]
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> "FlatState":
+        groups: dict[torch.dtype, list[Tensor]] = {}
+        layout, offsets = [], {}
+        for key, t in state.items():
+            off = offsets.get(t.dtype, 0)
+            layout.append((key, t.dtype, off, t.shape))
+            offsets[t.dtype] = off + t.numel()
+            groups.setdefault(t.dtype, []).append(t.detach().reshape(-1))
+        return cls({dt: torch.cat(ts) for dt, ts in groups.items()}, layout)
+
+    def empty_like(self) -> "FlatState":
+        return FlatState({dt: torch.empty_like(b) for dt, b in self.buffers.items()}, self.layout)
+
+    def to_state(self) -> dict[str, Tensor]:
+        return {key: self.buffers[dt][off:off + shape.numel()].view(shape)
+                for key, dt, off, shape in self.layout}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+def _exchange_mode(topo: Topology, mode: str) -> str:
+    if mode == "auto":
+        return "ring" if topo.backend == "nccl" else "all_gather"
+    return mode
+
+
+def exchange_weights(topo: Topology, own: FlatState, mode: str = "auto") -> tuple[FlatState, int]:
+    """Leaders only: receive the peer network's buffers. Returns (peer buffers, bytes received)."""
+    mode = _exchange_mode(topo, mode)
+    n, k = topo.networks, topo.network
+    peer = own.empty_like()
+    received = 0
+    for dt, buf in own.buffers.items():
+        if mode == "all_gather":
+            parts = [torch.empty_like(buf) for _ in range(n)]
+            dist.all_gather(parts, buf, group=topo.leader_group)
+            peer.buffers[dt] = parts[topo.peer]
+            received += (n - 1) * buf.numel() * buf.element_size()
+        else:  # ring shift: send to k+1, receive from k-1
+            send_to, recv_from = topo.leader_rank((k + 1) % n), topo.leader_rank(topo.peer)
+            if topo.backend == "nccl":
+                ops = [dist.P2POp(dist.isend, buf, send_to), dist.P2POp(dist.irecv, peer.buffers[dt], recv_from)]
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
+            else:  # gloo: plain isend/irecv (batch_isend_irecv has hung on gloo in some releases)
+                reqs = [dist.isend(buf, send_to), dist.irecv(peer.buffers[dt], recv_from)]
+                for req in reqs:
+                    req.wait()
+            received += buf.numel() * buf.element_size()
+    return peer, received
+
+
+# --------------------------------------------------------------------------------------------
+# The graft step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GraftResult:
+    """What one graft step did, for logging (leaders) and for checks."""
+
+    peer: int
+    seconds: float
+    bytes: int
+    table: Tensor                       # (networks, layers) entropies, before grafting
+    layers: tuple[str, ...]
+    report: core.GraftReport | None     # None on non-leader replicas
+
+
+def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *, epoch: int,
+               level: str = "layer", A: float = 0.4, c: float = 500.0, bins: int = 10,
+               exchange: str = "auto") -> tuple[dict[str, Tensor], GraftResult]:
+    """Graft this network's ``state`` from its ring peer. Collective: every rank calls it.
+
+    Returns the new state (new tensors; ``state`` is not modified) and a GraftResult.
+    Raises GraftError on every rank when any network's weights hold NaN or Inf, naming the
+    network and (on that network) the layer, before any weight is blended.
+    """
+    start = time.perf_counter()
+    arrive(topo, f"epoch {epoch} graft")
+    new_state, report, table, received = state, None, torch.zeros(0), 0
+    if topo.is_leader:
+        bad_layer = core.first_non_finite(state)
+        h = core.plan_entropies(state, plan, bins).to(torch.float64).cpu()
+        row = torch.cat([torch.tensor([0.0 if bad_layer is None else 1.0], dtype=torch.float64), h])
+        if topo.distributed:
+            dev_row = row.to(topo.device)
+            dev_rows = [torch.empty_like(dev_row) for _ in range(topo.networks)]
+            dist.all_gather(dev_rows, dev_row, group=topo.leader_group)
+            rows = [r.cpu() for r in dev_rows]
+        else:
+            rows = [row]
+        full = torch.stack(rows)
+        flags, table = full[:, 0], full[:, 1:]
+        if bool(flags.any()):
+            bad = [int(i) for i in flags.nonzero().flatten()]
+            here = f" (layer {bad_layer!r})" if bad_layer is not None else ""
+            raise GraftError(f"rank {topo.rank}, network {topo.network}: epoch {epoch}: NaN or Inf weights in "
+                             f"network(s) {bad}{here}; nobody grafts, the last checkpoints stay as they were")
+        flat = FlatState.from_state(state)
+        peer_flat, received = exchange_weights(topo, flat, exchange) if topo.networks > 1 else (flat, 0)
+        new_state, report = core.graft_with_entropies(
+            state, peer_flat.to_state(), plan, table[topo.network], table[topo.peer], level, A, c)
+    if topo.replicas > 1:
+        flat = FlatState.from_state(new_state)
+        for buf in flat.buffers.values():
+            dist.broadcast(buf, topo.leader_rank(topo.network), group=topo.network_group)
+        new_state = flat.to_state()
+        if not topo.is_leader:
+            new_state = {k: v.clone() for k, v in new_state.items()}
+    result = GraftResult(topo.peer, time.perf_counter() - start, received, table, plan.layers, report)
+    return new_state, result
+
+
+def all_gather_objects(topo: Topology, obj, leaders_only: bool = True) -> list:
+    """Gather a picklable object from every network's leader (or every rank)."""
+    if not topo.distributed:
+        return [obj]
+    group = topo.leader_group if leaders_only else None
+    size = topo.networks if leaders_only else topo.world
+    out = [None] * size
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -1,0 +1,314 @@
+"""Train N networks with filter grafting: ``torchrun --nproc_per_node=N -m graft.train --config X``.
+
+One process per network (or per replica in hybrid mode). Each epoch: train, evaluate (each
+network as trained, and the ensemble of all networks), graft from the ring peer, checkpoint, log.
+One network, or ``grafting.enabled=false``, is the baseline through the same code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint, core, ring
+from .config import Config, ConfigError, load_config, save_config
+from .data import InMemoryLoader, build_folder_loaders, load_arrays
+from .models import build_model
+from .report import MetricsLog, epoch_table, summarize
+
+
+def initial_lr(cfg: Config, network: int, networks: int) -> float:
+    """difflr (the official code's default for diversity): network k = 1..N starts at
+    lr * (1 + cos(pi * (N - k) / N)) / 2, so the last network gets the full lr."""
+    if not cfg.optim.difflr:
+        return cfg.optim.lr
+    k = network + 1
+    return cfg.optim.lr * (1 + math.cos(math.pi * (networks - k) / networks)) / 2
+
+
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    """Returns (scheduler, steps it per iteration?)."""
+    if cfg.optim.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps_per_epoch), True
+    if cfg.optim.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.optim.step_size, cfg.optim.gamma), False
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), False
+
+
+class Stop(Exception):
+    """SIGTERM / SIGINT: stop between steps; the last complete checkpoint stays intact."""
+
+
+def _install_signal_handlers() -> None:
+    def handler(signum, _frame):
+        raise Stop(f"received {signal.Signals(signum).name}")
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, per_iter, scaler, autocast, progress) -> dict:
+    model.train()
+    total_loss = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), device=loader.device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    for images, labels in progress(loader):
+        with autocast():
+            outputs = model(images)
+            loss = F.cross_entropy(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if per_iter:
+            scheduler.step()
+        total_loss += loss.detach() * labels.numel()
+        correct += (outputs.argmax(1) == labels).sum()
+        seen += labels.numel()
+    seconds = time.perf_counter() - start
+    if not per_iter:
+        scheduler.step()
+    if not math.isfinite(total_loss.item()):
+        raise FloatingPointError("training loss is NaN or Inf (try a lower optim.lr)")
+    return {"train_loss": total_loss.item() / max(seen, 1), "train_acc": 100.0 * correct.item() / max(seen, 1),
+            "images_per_sec": seen / seconds, "train_seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(model, loader, autocast) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Loss and accuracy, plus the softmax outputs (for the ensemble) and labels."""
+    model.eval()
+    probs, labels_all, loss_sum = [], [], 0.0
+    for images, labels in loader:
+        with autocast():
+            outputs = model(images).float()
+        loss_sum += F.cross_entropy(outputs, labels, reduction="sum").item()
+        probs.append(outputs.softmax(1))
+        labels_all.append(labels)
+    probs, labels = torch.cat(probs), torch.cat(labels_all)
+    acc = 100.0 * (probs.argmax(1) == labels).float().mean().item()
+    return {"test_loss": loss_sum / len(labels), "test_acc": acc}, probs, labels
+
+
+def ensemble_accuracy(topo: ring.Topology, probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy of the mean of all networks' softmax outputs (leaders only, one all_reduce)."""
+    if topo.distributed:
+        probs = probs.clone()
+        dist.all_reduce(probs, group=topo.leader_group)
+    return 100.0 * (probs.argmax(1) == labels).float().mean().item()
+
+
+def make_loaders(cfg: Config, topo: ring.Topology):
+    data_seed = cfg.seed + 1000 * topo.network  # data order differs per network, not per replica
+    if cfg.data.in_memory:
+        train, held, num_classes, mean, std = load_arrays(cfg.data)
+        common = dict(device=topo.device, mean=mean, std=std, channels_last=cfg.channels_last)
+        train_loader = InMemoryLoader(train, cfg.batch_size, train=True, seed=data_seed, drop_last=False,
+                                      rank_in_group=topo.replica, group_size=topo.replicas, **common)
+        eval_loader = InMemoryLoader(held, cfg.eval_batch_size, train=False, **common)
+        return train_loader, eval_loader, num_classes
+    return build_folder_loaders(cfg.data, cfg.batch_size, seed=data_seed,
+                                rank_in_group=topo.replica, group_size=topo.replicas)
+
+
+def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
+    run_dir = Path(cfg.output_dir)
+    networks = topo.networks
+    grafting = cfg.grafting.enabled and networks > 1
+    if topo.rank == 0:
+        log(topo.describe())
+        if not grafting:
+            why = "one network" if networks == 1 else "grafting.enabled=false"
+            log(f"baseline: no grafting ({why}); {networks} network(s) train independently")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    seed_everything(cfg.seed + topo.network)  # replicas of one network share the model seed
+    train_loader, eval_loader, data_classes = make_loaders(cfg, topo)
+    num_classes = cfg.num_classes or data_classes
+    model = build_model(cfg.model, num_classes).to(topo.device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    lr0 = initial_lr(cfg, topo.network, networks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr0, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    scheduler, per_iter = build_scheduler(cfg, optimizer, len(train_loader))
+    use_amp = cfg.amp != "off" and topo.device.type == "cuda"
+    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and cfg.amp == "fp16" else None
+
+    def autocast():
+        return torch.autocast(topo.device.type, amp_dtype) if use_amp else contextlib.nullcontext()
+
+    plan = core.make_plan(model.state_dict(), cfg.grafting.compat)
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if topo.rank == 0 else None
+    start_epoch, best = resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log)
+
+    train_model = model
+    if topo.replicas > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[topo.device.index] if topo.device.type == "cuda" else None,
+            process_group=topo.network_group)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    show = cfg.progress and topo.local_rank == 0 and sys.stderr.isatty()
+    thresholds = tuple(cfg.invalid_thresholds)
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        progress = _progress(show, topo, epoch, cfg.epochs, len(train_loader))
+        lr = optimizer.param_groups[0]["lr"]
+        record = {"epoch": epoch, "network": topo.network, "lr": lr}
+        record.update(train_one_epoch(train_model, train_loader, optimizer, scheduler, per_iter, scaler,
+                                      autocast, progress))
+        if topo.is_leader:
+            stats, probs, labels = evaluate(model, eval_loader, autocast)
+            record.update(stats)
+            record["ensemble_acc"] = ensemble_accuracy(topo, probs, labels)
+            invalid = core.count_invalid_filters(model, thresholds)
+            record["filters"] = invalid["total"]
+            record["invalid_filters"] = {str(t): n for t, n in invalid["invalid"].items()}
+            if record["test_acc"] > best:
+                best = record["test_acc"]
+                checkpoint.atomic_save({"format": checkpoint.FORMAT, "network": topo.network, "epoch": epoch,
+                                        "test_acc": best, "model": model.state_dict()},
+                                       checkpoint.network_dir(run_dir, topo.network) / "best.pt")
+        if grafting and epoch < cfg.epochs - 1:
+            g = cfg.grafting
+            new_state, result = ring.graft_step(topo, model.state_dict(), plan, epoch=epoch, level=g.level,
+                                                A=g.A, c=g.c, bins=g.bins, exchange=g.exchange)
+            model.load_state_dict(new_state)
+            record.update({"peer": result.peer, "graft_seconds": result.seconds, "graft_bytes": result.bytes})
+            if result.report is not None:
+                record["mean_alpha"] = result.report.mean_alpha()
+                record["graft"] = result.report.as_records()
+                record["entropy_table"] = result.table.tolist()
+        else:
+            record.update({"peer": None, "graft_seconds": 0.0, "graft_bytes": 0})
+        if topo.replica == 0:
+            checkpoint.save_epoch(run_dir, topo.network, epoch, {
+                "fingerprint": cfg.fingerprint(), "networks": networks, "best_acc": best,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if topo.device.type == "cuda" else None},
+            })
+        record["epoch_seconds"] = time.perf_counter() - epoch_start
+        records = ring.all_gather_objects(topo, record) if topo.is_leader else None
+        if topo.replicas > 1:
+            ring.arrive(topo, f"epoch {epoch} logged")
+        if metrics is not None:
+            metrics.write(records)
+            log(epoch_table(records, cfg.epochs, thresholds))
+
+    summary = None
+    if metrics is not None:
+        summary = summarize(metrics.read())
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log(summary["table"])
+    return summary
+
+
+def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tuple[int, float]:
+    """Restart from the newest epoch every network completed (``resume: auto``). Returns
+    (first epoch to train, best accuracy so far)."""
+    run_dir = Path(cfg.output_dir)
+    if cfg.resume == "never":
+        if topo.rank == 0 and checkpoint.epoch_files(run_dir, 0):
+            raise checkpoint.CheckpointError(
+                f"{run_dir}: holds checkpoints and resume=never; choose a new output_dir "
+                "(nothing was overwritten)")
+        return 0, -1.0
+    newest, skipped = checkpoint.newest_complete(run_dir, topo.network)
+    for reason in skipped:
+        log(f"rank {topo.rank}: skipping damaged checkpoint: {reason}")
+    everyone = ring.all_gather_objects(topo, newest, leaders_only=False)
+    agreed = min(everyone)
+    if agreed < 0:
+        if max(everyone) >= 0:
+            raise checkpoint.CheckpointError(
+                f"{run_dir}: some networks have checkpoints and others none ({everyone}); "
+                "use a new output_dir or resume=never")
+        return 0, -1.0
+    state = checkpoint.load(checkpoint.epoch_path(run_dir, topo.network, agreed), map_location=topo.device)
+    path = checkpoint.epoch_path(run_dir, topo.network, agreed)
+    if state.get("fingerprint") != cfg.fingerprint() or state.get("networks") != topo.networks:
+        raise checkpoint.CheckpointError(
+            f"{path}: written by another setup (networks {state.get('networks')} vs {topo.networks}, "
+            f"config fingerprint {state.get('fingerprint')} vs {cfg.fingerprint()}: model, num_classes, "
+            "data_parallel or grafting level/compat differ); use a new output_dir or resume=never")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if metrics is not None:
+        metrics.truncate(after_epoch=agreed)
+        log(f"resuming from epoch {agreed} (the newest epoch every network completed)")
+    return agreed + 1, state.get("best_acc", -1.0)
+
+
+def _progress(show: bool, topo, epoch: int, epochs: int, total: int):
+    if not show:
+        return lambda it: it
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, total=total, leave=False, dynamic_ncols=True,
+                           desc=f"net {topo.network} epoch {epoch + 1}/{epochs}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="graft-train", description=__doc__.splitlines()[0],
+        epilog="Overrides use dotted keys, e.g. optim.lr=0.05 grafting.enabled=false epochs=2")
+    parser.add_argument("--config", "-c", help="YAML config file (defaults: configs/quickstart.yaml values)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    topo = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        topo = ring.setup(cfg.data_parallel, cfg.backend, cfg.device, cfg.timeout)
+        _install_signal_handlers()
+        run(cfg, topo)
+        ring.arrive(topo, "end of run")  # nobody tears the group down under a peer still logging
+        ring.teardown(topo)
+        return 0
+    except (ConfigError, ring.TopologyError, ring.PeerTimeout, ring.GraftError, checkpoint.CheckpointError,
+            FileNotFoundError, FloatingPointError, Stop) as e:
+        where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed else ""
+        print(f"graft: error: {where}{e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

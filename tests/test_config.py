@@ -1,0 +1,65 @@
+"""The config schema: YAML, overrides, and errors that name the key and the file."""
+
+from pathlib import Path
+
+import pytest
+
+from graft.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "epochs: 3\noptim:\n  lr: 0.2\ngrafting:\n  level: filter\n")
+    cfg = load_config(path, ["optim.lr=0.05", "grafting.enabled=false", "seed=7", "invalid_thresholds=[0.5]"])
+    assert cfg.epochs == 3 and cfg.optim.lr == 0.05 and cfg.grafting.enabled is False
+    assert cfg.grafting.level == "filter" and cfg.seed == 7 and cfg.invalid_thresholds == [0.5]
+    assert cfg.optim.momentum == Config().optim.momentum
+    assert isinstance(load_config(path, ["grafting.c=100"]).grafting.c, float)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("epochs: -1\n", r"c.yaml: epochs: must be >= 1; got -1"),
+    ("grafting:\n  A: 1.5\n", r"grafting.A: must be in \[0, 1\]; got 1.5"),
+    ("grafting:\n  bins: 1\n", r"grafting.bins: must be >= 2"),
+    ("epoch: 3\n", r"unknown key 'epoch' \(did you mean 'epochs'\?\)"),
+    ("optim:\n  lrr: 0.1\n", r"unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
+    ("epochs: three\n", r"epochs: expected int, got 'three'"),
+    ("grafting:\n  enabled: 1\n", r"grafting.enabled: expected bool"),
+    ("grafting:\n  level: block\n", r"grafting.level: must be one of layer, filter"),
+    ("optim: 0.1\n", r"optim: expected a mapping"),
+    ("epochs: [1\n", r"c.yaml: not valid YAML \(line"),
+    ("- 1\n- 2\n", r"expected a mapping of keys at the top level"),
+])
+def test_bad_files_name_the_key_and_file(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=-1", r"command line: optim.lr: must be >= 0"),
+    ("grafting.AA=0.1", r"unknown key 'grafting.AA' \(did you mean 'grafting.A'\?\)"),
+    ("epochs", r"expected key=value"),
+    ("model.depth=3", r"'model' is not a section"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read config file"):
+        load_config("nope.yaml")
+
+
+def test_every_shipped_config_loads():
+    paths = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert paths, "configs/ is empty"
+    for path in paths:
+        load_config(path)

@@ -1,0 +1,84 @@
+"""The ring under torchrun (CPU, gloo, tiny models): order, table identity, blend, hybrid, dead peer."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from graft import core
+from helpers import ROOT, env, free_port, torchrun
+
+WORKER = ROOT / "tests" / "workers" / "ring_worker.py"
+
+
+def run_ring(tmp_path, nproc, replicas=1, exchange="auto", level="layer"):
+    proc = torchrun(nproc, WORKER, tmp_path, replicas, exchange, level)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)], proc
+
+
+@pytest.mark.parametrize("nproc,exchange", [(2, "auto"), (3, "auto"), (3, "ring")])
+def test_ring_grafts_from_previous_network(tmp_path, nproc, exchange):
+    outs, proc = run_ring(tmp_path, nproc, exchange=exchange)
+    for k, out in enumerate(outs):
+        peer = outs[(k - 1) % nproc]
+        assert out["peer"] == (k - 1) % nproc
+        # The table every network sees: row j is network j's own entropies.
+        plan = core.make_plan(out["before"])
+        torch.testing.assert_close(out["table"][k], core.plan_entropies(out["before"], plan))
+        torch.testing.assert_close(out["table"], outs[0]["table"])
+        # entropy_peer of network k equals entropy_self of network k-1, layer by layer.
+        for mine, theirs in zip(out["records"], peer["records"]):
+            assert mine["entropy_peer"] == theirs["entropy_self"]
+        # The blend equals graft_state_dict applied to the two pre-graft states.
+        expected, _ = core.graft_state_dict(out["before"], peer["before"])
+        for key in expected:
+            torch.testing.assert_close(out["after"][key], expected[key], rtol=0, atol=0)
+        model_bytes = sum(t.numel() * t.element_size() for t in out["before"].values())
+        hops = 1 if exchange == "ring" else nproc - 1
+        assert out["bytes"] == hops * model_bytes
+
+
+def test_two_networks_end_identical(tmp_path):
+    outs, _ = run_ring(tmp_path, 2)
+    for key in outs[0]["after"]:
+        assert torch.equal(outs[0]["after"][key], outs[1]["after"][key]), key
+
+
+def test_filter_level_over_the_ring(tmp_path):
+    outs, _ = run_ring(tmp_path, 2, level="filter")
+    expected, _ = core.graft_state_dict(outs[1]["before"], outs[0]["before"], level="filter")
+    for key in expected:
+        torch.testing.assert_close(outs[1]["after"][key], expected[key], rtol=0, atol=0)
+
+
+def test_hybrid_two_networks_by_two_replicas(tmp_path):
+    outs, _ = run_ring(tmp_path, 4, replicas=2)
+    assert [o["network"] for o in outs] == [0, 0, 1, 1]
+    for a, b in ((0, 1), (2, 3)):
+        for key in outs[a]["after"]:
+            assert torch.equal(outs[a]["after"][key], outs[b]["after"][key]), key
+    expected, _ = core.graft_state_dict(outs[2]["before"], outs[0]["before"])
+    for key in expected:
+        torch.testing.assert_close(outs[3]["after"][key], expected[key], rtol=0, atol=0)
+
+
+def test_dead_peer_is_named_within_the_timeout(tmp_path):
+    port = free_port()
+    procs = []
+    for rank in range(3):
+        e = env()
+        e.update(RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="3",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "workers" / "dead_peer_worker.py"), "5"],
+                                      env=e, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+    start = time.monotonic()
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    elapsed = time.monotonic() - start
+    assert results[1][0] == 9
+    for code, err in (results[0], results[2]):
+        assert code == 1, err
+        assert "network 1 (rank 1) did not arrive" in err
+    assert elapsed < 60
