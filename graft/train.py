@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, core, ring
 from .config import Config, ConfigError, load_config, save_config
-from .data import InMemoryLoader, build_folder_loaders, load_arrays
+from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
 from .models import build_model
 from .report import MetricsLog, epoch_table, summarize
 
@@ -63,13 +63,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, per_iter, scaler, autocast, progress) -> dict:
+def train_one_epoch(model, loader, optimizer, scheduler, per_iter, scaler, autocast, progress, device) -> dict:
     model.train()
-    total_loss = torch.zeros((), device=loader.device)
-    correct = torch.zeros((), device=loader.device, dtype=torch.long)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
     for images, labels in progress(loader):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast():
             outputs = model(images)
             loss = F.cross_entropy(outputs, labels)
@@ -96,11 +97,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, per_iter, scaler, autoc
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def evaluate(model, loader, autocast, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Loss and accuracy, plus the softmax outputs (for the ensemble) and labels."""
     model.eval()
     probs, labels_all, loss_sum = [], [], 0.0
     for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast():
             outputs = model(images).float()
         loss_sum += F.cross_entropy(outputs, labels, reduction="sum").item()
@@ -122,7 +124,11 @@ def ensemble_accuracy(topo: ring.Topology, probs: torch.Tensor, labels: torch.Te
 def make_loaders(cfg: Config, topo: ring.Topology):
     data_seed = cfg.seed + 1000 * topo.network  # data order differs per network, not per replica
     if cfg.data.in_memory:
-        train, held, num_classes, mean, std = load_arrays(cfg.data)
+        if topo.local_rank == 0:  # decode (and cache) once per node; the other ranks read the cache
+            train, held, num_classes, mean, std = load_arrays(cfg.data)
+        ring.arrive(topo, "data ready")
+        if topo.local_rank != 0:
+            train, held, num_classes, mean, std = load_arrays(cfg.data)
         common = dict(device=topo.device, mean=mean, std=std, channels_last=cfg.channels_last)
         train_loader = InMemoryLoader(train, cfg.batch_size, train=True, seed=data_seed, drop_last=False,
                                       rank_in_group=topo.replica, group_size=topo.replicas, **common)
@@ -182,9 +188,9 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         lr = optimizer.param_groups[0]["lr"]
         record = {"epoch": epoch, "network": topo.network, "lr": lr}
         record.update(train_one_epoch(train_model, train_loader, optimizer, scheduler, per_iter, scaler,
-                                      autocast, progress))
+                                      autocast, progress, topo.device))
         if topo.is_leader:
-            stats, probs, labels = evaluate(model, eval_loader, autocast)
+            stats, probs, labels = evaluate(model, eval_loader, autocast, topo.device)
             record.update(stats)
             record["ensemble_acc"] = ensemble_accuracy(topo, probs, labels)
             invalid = core.count_invalid_filters(model, thresholds)
@@ -304,7 +310,7 @@ def main(argv=None) -> int:
         ring.teardown(topo)
         return 0
     except (ConfigError, ring.TopologyError, ring.PeerTimeout, ring.GraftError, checkpoint.CheckpointError,
-            FileNotFoundError, FloatingPointError, Stop) as e:
+            DataError, FileNotFoundError, FloatingPointError, Stop) as e:
         where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed else ""
         print(f"graft: error: {where}{e}", file=sys.stderr, flush=True)
         return 1

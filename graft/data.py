@@ -1,0 +1,562 @@
+"""Data: CIFAR-sized sets as uint8 tensors with on-device augmentation, ImageNet-style folders
+through DataLoader workers.
+
+Two paths, picked by the caller from ``DataConfig``:
+
+* ``load_arrays`` + ``InMemoryLoader`` (cifar10, cifar100, tar, synthetic, imagefolder with
+  ``in_memory``): the whole split lives on the training device as uint8 (CIFAR-10 is 184 MB);
+  each batch is gathered, randomly cropped and flipped there in a few tensor ops. No worker
+  processes, and the batches are a pure function of (seed, epoch), so a resumed run sees
+  bit-identical data.
+* ``build_folder_loaders`` (imagefolder without ``in_memory``): torchvision ``ImageFolder`` with
+  the standard ImageNet transforms, decoded by DataLoader workers.
+
+Tar archives are decoded once (PIL, straight from the tar stream) and cached as one ``.pt``
+file keyed by the archive's sha256, so later runs and the other ranks of a torchrun job load
+tensors instead of JPEGs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import posixpath
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+if TYPE_CHECKING:
+    from .config import DataConfig
+
+__all__ = [
+    "NAMES",
+    "DataError",
+    "ArraySplit",
+    "load_arrays",
+    "balanced_subset",
+    "InMemoryLoader",
+    "build_folder_loaders",
+    "EpochLoader",
+]
+
+NAMES = ("cifar10", "cifar100", "imagefolder", "tar", "synthetic")
+SPLITS = ("train", "test")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+
+class DataError(ValueError):
+    """A data set that cannot be used: the message names the config key and the file."""
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+@dataclass
+class ArraySplit:
+    """One split held in memory: uint8 images (N, 3, H, W) and int64 labels (N,), on CPU."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, mask_or_index: Tensor) -> "ArraySplit":
+        return ArraySplit(self.images[mask_or_index], self.labels[mask_or_index])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading arrays
+# --------------------------------------------------------------------------------------------
+
+
+def load_arrays(cfg: "DataConfig") -> tuple[ArraySplit, ArraySplit, int, tuple, tuple]:
+    """Return (train, eval, num_classes, mean, std) for in-memory data.
+
+    Order of operations: ``train_subset``/``test_subset`` first (first k per class in file or
+    index order), then ``val_fraction`` is held out of what remains of train (the last images
+    of each class). Whenever ``val_fraction > 0`` train excludes the validation images;
+    ``eval_split`` only chooses which split is returned for evaluation.
+
+    mean/std are per-channel, in [0, 1] units: the usual constants for cifar10, computed from
+    the returned training images otherwise.
+    """
+    if cfg.name not in NAMES:
+        raise DataError(f"data.name: unknown data set {cfg.name!r} (valid: {', '.join(NAMES)})")
+    if cfg.eval_split not in ("test", "val"):
+        raise DataError(f"data.eval_split: must be 'test' or 'val', got {cfg.eval_split!r}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"data.val_fraction: must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.eval_split == "val" and cfg.val_fraction <= 0:
+        raise DataError("data.eval_split: 'val' needs data.val_fraction > 0")
+
+    if cfg.name in _CIFAR_DIRS:
+        train, test, num_classes = _load_cifar(cfg)
+    elif cfg.name == "tar":
+        train, test, num_classes = _load_tar(cfg.root, cfg.image_size, cfg.cache_dir)
+    elif cfg.name == "imagefolder":
+        train, test, num_classes = _load_folder(cfg.root, cfg.image_size)
+    else:
+        train, test, num_classes = _synthetic(cfg.image_size)
+
+    if cfg.train_subset:
+        train = train.take(balanced_subset(train.labels, cfg.train_subset, num_classes))
+    if cfg.test_subset:
+        test = test.take(balanced_subset(test.labels, cfg.test_subset, num_classes))
+    val = None
+    if cfg.val_fraction > 0:
+        is_val = _holdout_mask(train.labels, cfg.val_fraction, num_classes)
+        train, val = train.take(~is_val), train.take(is_val)
+
+    if cfg.name == "cifar10":
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    else:
+        mean, std = channel_stats(train.images)
+    return train, (val if cfg.eval_split == "val" else test), num_classes, mean, std
+
+
+def _rank_in_class(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Each sample's position among the samples of its class (in index order), and class sizes."""
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(len(labels)) - starts[labels[order]]
+    return rank, counts
+
+
+def balanced_subset(labels: Tensor, k: int, num_classes: int) -> Tensor:
+    """Boolean mask of the first ``k // C`` samples of every class (the first ``k % C`` classes
+    get one more), so a subset is deterministic and as balanced as k allows."""
+    rank, _ = _rank_in_class(labels, num_classes)
+    quota = torch.full((num_classes,), k // num_classes, dtype=torch.long)
+    quota[: k % num_classes] += 1
+    return rank < quota[labels]
+
+
+def _holdout_mask(labels: Tensor, fraction: float, num_classes: int) -> Tensor:
+    """Boolean mask of the last ``round(fraction * n_c)`` samples of every class (at least one
+    where a class has two or more), so validation is class-balanced and disjoint from train."""
+    rank, counts = _rank_in_class(labels, num_classes)
+    n_val = torch.round(counts.double() * fraction).long()
+    n_val = torch.where(counts > 1, n_val.clamp(1, None), n_val).clamp(None, counts - 1)
+    return rank >= (counts - n_val)[labels]
+
+
+def channel_stats(images: Tensor) -> tuple[tuple, tuple]:
+    """Per-channel mean and std in [0, 1] units, exactly, from 256-bin histograms (no float copy
+    of the data set)."""
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = [], []
+    for c in range(images.shape[1]):
+        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        p = hist / hist.sum()
+        m = (p * values).sum()
+        mean.append(round(m.item(), 4))
+        std.append(round((p * (values - m) ** 2).sum().sqrt().item(), 4))
+    return tuple(mean), tuple(std)
+
+
+def _load_cifar(cfg: "DataConfig") -> tuple[ArraySplit, ArraySplit, int]:
+    folder = os.path.join(cfg.root, _CIFAR_DIRS[cfg.name])
+    if not cfg.download and not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"data.root: {cfg.name} not found: expected the python-version batches in {folder} "
+            f"(set data.root to the folder holding {_CIFAR_DIRS[cfg.name]}/, or data.download=true "
+            "to fetch them when online)")
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
+    splits = []
+    for train in (True, False):
+        ds = cls(cfg.root, train=train, download=cfg.download)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        splits.append(ArraySplit(images, torch.as_tensor(ds.targets, dtype=torch.long)))
+    return splits[0], splits[1], len(ds.classes)
+
+
+def _synthetic(image_size: int) -> tuple[ArraySplit, ArraySplit, int]:
+    """Random noise with balanced labels, for smoke tests only: nothing to learn here."""
+    g = torch.Generator().manual_seed(0)
+    splits = []
+    for n in (512, 256):
+        images = torch.randint(0, 256, (n, 3, image_size, image_size), generator=g,
+                               dtype=torch.uint8)
+        splits.append(ArraySplit(images, torch.arange(n) % 10))
+    return splits[0], splits[1], 10
+
+
+# --------------------------------------------------------------------------------------------
+# Image trees (tar archives and folders) decoded to arrays
+# --------------------------------------------------------------------------------------------
+
+
+def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, ArraySplit, int]:
+    """Decode ``path`` once and keep the result as ``<cache_dir>/<sha256[:16]>-<size>px.pt``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.root: no such file or directory: {path} "
+                                "(expected a .tar.gz of train/ and test/ ImageFolder trees)")
+    cache_dir = os.path.expanduser(cache_dir or "~/.cache/graft")
+    cache = os.path.join(cache_dir, f"{_sha256(path)[:16]}-{image_size}px.pt")
+    if os.path.isfile(cache):
+        try:
+            blob = torch.load(cache, map_location="cpu", weights_only=True)
+            return (ArraySplit(blob["train_images"], blob["train_labels"]),
+                    ArraySplit(blob["test_images"], blob["test_labels"]), len(blob["classes"]))
+        except Exception:  # a damaged cache is rebuilt below rather than trusted
+            pass
+
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            files = {}
+            for member in tar:
+                name = posixpath.normpath(member.name)
+                if member.isdir():
+                    files.setdefault(name + "/", None)
+                elif member.isfile():
+                    files[name] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DataError(f"data.root: cannot read archive {path}: {e}") from None
+    files = _strip_top_level(files)
+    tree = _split_tree(files, path)
+    train, test, classes = _decode_tree(tree, path, image_size, lambda key: files[key])
+
+    os.makedirs(cache_dir, exist_ok=True)
+    blob = {"train_images": train.images, "train_labels": train.labels,
+            "test_images": test.images, "test_labels": test.labels, "classes": classes}
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
+        os.replace(tmp, cache)  # atomic: concurrent ranks never read a half-written cache
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return train, test, len(classes)
+
+
+def _load_folder(root: str, image_size: int) -> tuple[ArraySplit, ArraySplit, int]:
+    """Decode a ``root/{train,test}/<class>/<image>`` tree into memory (no cache)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.root: no such file or directory: {root} "
+                                "(expected a folder holding train/ and test/ ImageFolder trees)")
+    files: dict[str, None] = {}
+    for split in SPLITS:
+        for dirpath, _, filenames in os.walk(os.path.join(root, split)):
+            rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            files[rel + "/"] = None
+            files.update({f"{rel}/{f}": None for f in filenames})
+    tree = _split_tree(files, root)
+
+    def read(key: str) -> bytes:
+        with open(os.path.join(root, key), "rb") as f:
+            return f.read()
+
+    train, test, classes = _decode_tree(tree, root, image_size, read)
+    return train, test, len(classes)
+
+
+def _strip_top_level(files: dict) -> dict:
+    """Drop one enclosing folder (``cifar10/train/...``) when train/ and test/ sit under it."""
+    tops = {key.split("/", 1)[0] for key in files}
+    if tops & set(SPLITS) or len(tops) != 1:
+        return files
+    return {key.split("/", 1)[1]: v for key, v in files.items() if key.split("/", 1)[1]}
+
+
+def _split_tree(files: dict, where: str) -> dict[str, dict[str, list[str]]]:
+    """{split: {class: sorted image keys}} from the archive's paths ("dir/" keys mark folders)."""
+    tree: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
+    for key in files:
+        parts = key.rstrip("/").split("/")
+        if parts[0] not in tree or len(parts) < 2:
+            continue
+        images = tree[parts[0]].setdefault(parts[1], [])
+        if len(parts) == 3 and not key.endswith("/") and key.lower().endswith(IMG_EXTENSIONS):
+            images.append(key)
+    for split in SPLITS:
+        if not tree[split]:
+            raise DataError(f"data.root: no class folders under '{split}/' in {where}")
+        for cls, images in tree[split].items():
+            if not images:
+                raise DataError(f"data.root: class folder '{split}/{cls}' in {where} has no images")
+            images.sort()
+    train_classes, test_classes = sorted(tree["train"]), sorted(tree["test"])
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise DataError(f"data.root: train/ and test/ class folders differ in {where}: "
+                         f"only in train: {only_train or 'none'}, only in test: {only_test or 'none'}")
+    return tree
+
+
+def _decode_tree(tree, where: str, image_size: int, read) -> tuple[ArraySplit, ArraySplit, list]:
+    """Decode every image with PIL into (N, 3, S, S) uint8; classes in sorted folder order."""
+    from PIL import Image
+
+    classes = sorted(tree["train"])
+    splits = []
+    for split in SPLITS:
+        keys = [key for cls in classes for key in tree[split][cls]]
+        labels = torch.repeat_interleave(
+            torch.arange(len(classes)), torch.tensor([len(tree[split][c]) for c in classes]))
+        out = np.empty((len(keys), image_size, image_size, 3), dtype=np.uint8)
+        for i, key in enumerate(keys):
+            try:
+                with Image.open(io.BytesIO(read(key))) as im:
+                    out[i] = _fit(im.convert("RGB"), image_size)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise DataError(f"data.root: cannot decode image '{key}' in {where}: {e}") from None
+        splits.append(ArraySplit(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), labels))
+    return splits[0], splits[1], classes
+
+
+def _fit(im, size: int) -> np.ndarray:
+    """The image as (size, size, 3): unchanged when it already is, else shorter side resized to
+    ``size`` and the centre cropped (the usual eval transform)."""
+    if im.size != (size, size):
+        w, h = im.size
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((w, h), resample=3)  # bicubic
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory loader with on-device augmentation
+# --------------------------------------------------------------------------------------------
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from a few small integers (splitmix64-style), so that nearby (seed, epoch)
+    pairs give unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+class InMemoryLoader:
+    """Batches from uint8 tensors held on ``device``; augmentation done per batch on that device.
+
+    Train mode shuffles with ``torch.randperm`` (CPU generator seeded from (seed, epoch)), then
+    applies a random 4-pixel zero-padded crop and a random horizontal flip to the whole batch
+    with one gather (generator on ``device`` seeded from (seed, epoch, rank_in_group)). Eval
+    mode keeps the stored order and does not augment. Call ``set_epoch`` before each epoch:
+    the batches are then a pure function of (seed, epoch), which is what makes resume exact.
+
+    With ``group_size > 1`` the replicas of one network draw the same permutation and each
+    takes every ``group_size``-th entry from ``rank_in_group`` on, so they see disjoint data.
+    In train mode the permutation is cut to a multiple of ``group_size`` (every replica runs
+    the same number of steps); in eval mode nothing is dropped (replicas sum their counts).
+    ``batch_size`` is the per-replica batch.
+    """
+
+    PAD = 4
+
+    def __init__(self, split: ArraySplit, batch_size: int, *, train: bool, device, mean, std,
+                 seed: int = 0, channels_last: bool = False, drop_last: bool = False,
+                 rank_in_group: int = 0, group_size: int = 1):
+        if not 0 <= rank_in_group < group_size:
+            raise ValueError(f"rank_in_group must be in [0, {group_size}), got {rank_in_group}")
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.channels_last = channels_last
+        self.drop_last = drop_last
+        self.rank_in_group = rank_in_group
+        self.group_size = group_size
+        self.epoch = 0
+        # Normalization folded into one multiply-add on the raw 0..255 values.
+        mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _num_local(self) -> int:
+        n = len(self.labels)
+        if self.train:
+            return n // self.group_size
+        return len(range(self.rank_in_group, n, self.group_size))
+
+    def __len__(self) -> int:
+        n = self._num_local()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def indices(self) -> Tensor:
+        """This replica's sample indices for the current epoch, in batch order (CPU)."""
+        n = len(self.labels)
+        if self.train:
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            order = torch.randperm(n, generator=g)[: n // self.group_size * self.group_size]
+        else:
+            order = torch.arange(n)
+        return order[self.rank_in_group :: self.group_size]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        index = self.indices().to(self.device)
+        g = None
+        if self.train:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(_mix(self.seed, self.epoch, self.rank_in_group, 1))
+        for b in range(len(self)):
+            idx = index[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.images[idx]
+            if g is not None:
+                images = self.augment(images, g)
+            x = torch.addcmul(self._shift, images.float(), self._scale)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+    @classmethod
+    def augment(cls, images: Tensor, g: torch.Generator) -> Tensor:
+        """Random crop of the zero-padded batch plus random horizontal flip, as one gather.
+
+        Row indices are ``dy + arange(H)``; column indices are ``dx + arange(W)``, reversed
+        for the samples picked for flipping. Both are drawn from ``g`` for the whole batch.
+        """
+        b, _, h, w = images.shape
+        p = cls.PAD
+        padded = F.pad(images, (p, p, p, p))
+        offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=g, device=images.device)
+        flip = torch.rand(b, generator=g, device=images.device) < 0.5
+        ar_h = torch.arange(h, device=images.device)
+        ar_w = torch.arange(w, device=images.device)
+        rows = offsets[:, :1] + ar_h  # (B, H)
+        cols = offsets[:, 1:] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # (B, W)
+        batch = torch.arange(b, device=images.device)[:, None, None, None]
+        chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet-style folders through DataLoader workers
+# --------------------------------------------------------------------------------------------
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader with ``set_epoch``, passed on to its sampler when that has one, so that the
+    training loop can treat it like ``InMemoryLoader``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+class _Sharded(torch.utils.data.Sampler):
+    """Every ``group``-th index from ``rank`` on, in order: a disjoint, unpadded eval share."""
+
+    def __init__(self, n: int, rank: int, group: int):
+        self.indices = range(rank, n, group)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_in_group: int = 0,
+                         group_size: int = 1) -> tuple[DataLoader, DataLoader, int]:
+    """(train_loader, eval_loader, num_classes) for an ImageFolder tree too big for memory.
+
+    The train loader always uses a ``DistributedSampler`` (num_replicas=group_size,
+    rank=rank_in_group, seed=seed; also for group_size 1), so the order is a function of
+    (seed, epoch); set the epoch with ``train_loader.set_epoch(epoch)`` (``EpochLoader``, which
+    calls ``train_loader.sampler.set_epoch``). Batches are CPU tensors (pinned on CUDA hosts).
+    Unlike ``InMemoryLoader``, only the order is exact on resume: the workers' augmentation
+    RNG is seeded once per worker start, not per epoch.
+    The eval loader gives each replica a disjoint, unpadded strided share, in order.
+    Subsets and the validation hold-out follow the same rules as ``load_arrays``.
+    """
+    import torchvision
+    from torchvision import transforms as T
+
+    if cfg.name != "imagefolder":
+        raise DataError(f"data.name: build_folder_loaders needs 'imagefolder', got {cfg.name!r}")
+    for split in SPLITS:
+        if not os.path.isdir(os.path.join(cfg.root, split)):
+            raise FileNotFoundError(
+                f"data.root: no such file or directory: {os.path.join(cfg.root, split)} "
+                "(expected a folder holding train/ and test/ ImageFolder trees)")
+    size = cfg.image_size
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                          normalize])
+    eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
+                         normalize])
+    folder = torchvision.datasets.ImageFolder
+    train_ds = folder(os.path.join(cfg.root, "train"), transform=train_tf)
+    test_ds = folder(os.path.join(cfg.root, "test"), transform=eval_tf)
+    if train_ds.classes != test_ds.classes:
+        raise DataError(f"data.root: train/ and test/ class folders differ in {cfg.root}: "
+                         f"{len(train_ds.classes)} vs {len(test_ds.classes)} classes")
+    num_classes = len(train_ds.classes)
+
+    train_labels = torch.as_tensor(train_ds.targets)
+    keep = torch.ones(len(train_labels), dtype=torch.bool)
+    if cfg.train_subset:
+        keep = balanced_subset(train_labels, cfg.train_subset, num_classes)
+    kept = keep.nonzero().squeeze(1)
+    train_idx, val_idx = kept, kept[:0]
+    if cfg.val_fraction > 0:
+        is_val = _holdout_mask(train_labels[kept], cfg.val_fraction, num_classes)
+        train_idx, val_idx = kept[~is_val], kept[is_val]
+    if cfg.eval_split == "val":
+        if cfg.val_fraction <= 0:
+            raise DataError("data.eval_split: 'val' needs data.val_fraction > 0")
+        eval_ds = Subset(folder(os.path.join(cfg.root, "train"), transform=eval_tf),
+                         val_idx.tolist())
+    else:
+        eval_ds = test_ds
+        if cfg.test_subset:
+            test_labels = torch.as_tensor(test_ds.targets)
+            mask = balanced_subset(test_labels, cfg.test_subset, num_classes)
+            eval_ds = Subset(test_ds, mask.nonzero().squeeze(1).tolist())
+    if len(train_idx) < len(train_labels):
+        train_ds = Subset(train_ds, train_idx.tolist())
+
+    common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=cfg.workers > 0)
+    sampler = DistributedSampler(train_ds, num_replicas=group_size, rank=rank_in_group,
+                                 shuffle=True, seed=seed, drop_last=True)
+    train_loader = EpochLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=True,
+                               generator=torch.Generator().manual_seed(seed), **common)
+    eval_loader = EpochLoader(eval_ds, batch_size=batch_size,
+                              sampler=_Sharded(len(eval_ds), rank_in_group, group_size), **common)
+    return train_loader, eval_loader, num_classes

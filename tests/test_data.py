@@ -1,0 +1,326 @@
+"""Data loading on the real CIFAR-10 sample fixture, and the in-memory loader's guarantees."""
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import graft.data as data
+from graft.data import ArraySplit, InMemoryLoader, build_folder_loaders, load_arrays
+
+try:
+    from graft.config import DataConfig
+except ImportError:  # config.py is the lead's; the fields used here are the documented ones
+    from dataclasses import dataclass
+
+    @dataclass
+    class DataConfig:
+        name: str = "cifar10"
+        root: str = "data"
+        download: bool = False
+        train_subset: int = 0
+        test_subset: int = 0
+        val_fraction: float = 0.0
+        eval_split: str = "test"
+        workers: int = 2
+        cache_dir: str = ""
+        in_memory: bool = True
+        image_size: int = 32
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "cifar10_sample.tar.gz"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # outputs raw 0..255
+
+
+def tar_cfg(tmp_path, **kw) -> DataConfig:
+    return DataConfig(name="tar", root=str(FIXTURE), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The fixture decoded once for the module: (train, test, num_classes, mean, std)."""
+    return load_arrays(tar_cfg(tmp_path_factory.mktemp("full")))
+
+
+def png_bytes(color, size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_tar(path: Path, files: dict, dirs=()) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for name, blob in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def id_split(n: int, value=None) -> ArraySplit:
+    """Labels are sample ids, so batches reveal which samples they hold."""
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    if value is not None:
+        images.fill_(value)
+    return ArraySplit(images, torch.arange(n))
+
+
+def collect(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ---------------------------------------------------------------- loading the fixture
+
+
+def test_fixture_loads(full):
+    train, test, num_classes, mean, std = full
+    assert FIXTURE.stat().st_size < 2_100_000
+    assert train.images.shape == (1000, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.images.shape == (500, 3, 32, 32) and test.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.int64 and num_classes == 10
+    assert torch.bincount(train.labels).tolist() == [100] * 10
+    assert torch.bincount(test.labels).tolist() == [50] * 10
+    # Real photographs, not noise: CIFAR-like channel statistics.
+    for m, ref in zip(mean, data.CIFAR10_MEAN):
+        assert abs(m - ref) < 0.03
+    for s in std:
+        assert 0.2 < s < 0.3
+
+
+def test_second_load_uses_cache(tmp_path, monkeypatch):
+    cfg = tar_cfg(tmp_path)
+    train, test, *_ = load_arrays(cfg)
+    (cache,) = (tmp_path / "cache").glob("*.pt")
+    assert cache.name.startswith(data._sha256(str(FIXTURE))[:16]) and "32px" in cache.name
+    mtime = cache.stat().st_mtime_ns
+
+    def no_tar(*args, **kwargs):
+        raise AssertionError("the archive was opened despite the cache")
+
+    monkeypatch.setattr(data.tarfile, "open", no_tar)
+    train2, test2, *_ = load_arrays(cfg)
+    assert cache.stat().st_mtime_ns == mtime
+    assert torch.equal(train.images, train2.images) and torch.equal(test.labels, test2.labels)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_top_level_folder_is_stripped(tmp_path):
+    files = {f"cifar/{s}/{c}/0.png": png_bytes(i * 40, (32, 32))
+             for s in ("train", "test") for i, c in enumerate(["a", "b"])}
+    path = make_tar(tmp_path / "prefixed.tar.gz", files)
+    train, test, n, *_ = load_arrays(DataConfig(name="tar", root=str(path), cache_dir=str(tmp_path)))
+    assert n == 2 and train.labels.tolist() == [0, 1]
+    assert train.images[1, 0].float().mean().item() == pytest.approx(40, abs=1)
+
+
+def test_subsets_are_balanced_and_first_k(tmp_path, full):
+    train, test, *_ = load_arrays(tar_cfg(tmp_path, train_subset=200, test_subset=55))
+    assert torch.bincount(train.labels).tolist() == [20] * 10
+    assert torch.bincount(test.labels).tolist() == [6] * 5 + [5] * 5
+    # The first 20 images of each class, in file order.
+    expect = torch.cat([full[0].images[c * 100 : c * 100 + 20] for c in range(10)])
+    assert torch.equal(train.images, expect)
+
+
+def test_validation_split(tmp_path, full):
+    train, val, *_ = load_arrays(tar_cfg(tmp_path, val_fraction=0.1, eval_split="val"))
+    assert torch.bincount(train.labels).tolist() == [90] * 10
+    assert torch.bincount(val.labels).tolist() == [10] * 10
+    whole = full[0].images.view(10, 100, 3, 32, 32)
+    assert torch.equal(train.images, whole[:, :90].reshape(-1, 3, 32, 32))
+    assert torch.equal(val.images, whole[:, 90:].reshape(-1, 3, 32, 32))
+    # Disjoint by content too (no training image reappears in validation).
+    seen = {bytes(x.numpy()) for x in train.images}
+    assert not any(bytes(x.numpy()) in seen for x in val.images)
+    # eval_split="test" still holds the validation images out of train.
+    train_t, test, *_ = load_arrays(tar_cfg(tmp_path, val_fraction=0.1))
+    assert len(train_t) == 900 and len(test) == 500
+
+
+def test_synthetic():
+    train, test, n, mean, std = load_arrays(DataConfig(name="synthetic"))
+    assert train.images.shape == (512, 3, 32, 32) and test.images.shape == (256, 3, 32, 32)
+    assert n == 10 and torch.bincount(train.labels).tolist() == [52] * 2 + [51] * 8
+    assert all(abs(m - 0.5) < 0.01 for m in mean)
+
+
+def test_imagefolder_in_memory_resizes(tmp_path):
+    for s in ("train", "test"):
+        for i, c in enumerate(["x", "y", "z"]):
+            (tmp_path / s / c).mkdir(parents=True)
+            Image.new("RGB", (48, 40), (i * 50, 0, 0)).save(tmp_path / s / c / "a.png")
+    train, test, n, *_ = load_arrays(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32))
+    assert n == 3 and train.images.shape == (3, 3, 32, 32) and test.labels.tolist() == [0, 1, 2]
+    assert train.images[2, 0].float().mean().item() == pytest.approx(100, abs=1)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "nope.tar.gz"
+    with pytest.raises(FileNotFoundError, match=f"data.root: no such file or directory: {missing}"):
+        load_arrays(DataConfig(name="tar", root=str(missing), cache_dir=str(tmp_path)))
+
+
+def test_missing_cifar(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py.*data.download=true"):
+        load_arrays(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+def test_empty_class_folder(tmp_path):
+    files = {"train/dog/0.png": png_bytes("red"), "test/cat/0.png": png_bytes("red"),
+             "test/dog/0.png": png_bytes("blue")}
+    path = make_tar(tmp_path / "empty.tar.gz", files, dirs=["train/", "train/cat/"])
+    with pytest.raises(ValueError, match=f"class folder 'train/cat' in {path} has no images"):
+        load_arrays(DataConfig(name="tar", root=str(path), cache_dir=str(tmp_path)))
+
+
+def test_class_lists_differ(tmp_path):
+    files = {"train/dog/0.png": png_bytes("red"), "train/cat/0.png": png_bytes("red"),
+             "test/dog/0.png": png_bytes("blue"), "test/emu/0.png": png_bytes("blue")}
+    path = make_tar(tmp_path / "differ.tar.gz", files)
+    with pytest.raises(ValueError, match=r"only in train: \['cat'\], only in test: \['emu'\]"):
+        load_arrays(DataConfig(name="tar", root=str(path), cache_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("blob", [np.random.default_rng(0).bytes(5000),
+                                  FIXTURE.read_bytes()[:100_000]], ids=["random", "truncated"])
+def test_corrupt_archive(tmp_path, blob):
+    path = tmp_path / "bad.tar.gz"
+    path.write_bytes(blob)
+    with pytest.raises(ValueError, match=f"data.root: cannot read archive {path}: "):
+        load_arrays(DataConfig(name="tar", root=str(path), cache_dir=str(tmp_path)))
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="unknown data set 'mnist'.*cifar10, cifar100, imagefolder, tar, synthetic"):
+        load_arrays(DataConfig(name="mnist"))
+
+
+# ---------------------------------------------------------------- InMemoryLoader
+
+
+def test_loader_is_a_function_of_seed_and_epoch():
+    split = id_split(300)
+
+    def run(seed, epoch):
+        loader = InMemoryLoader(split, 64, train=True, device="cpu", seed=seed, **IDENTITY)
+        loader.set_epoch(epoch)
+        return collect(loader)
+
+    x1, y1 = run(0, 3)
+    x2, y2 = run(0, 3)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert sorted(y1.tolist()) == list(range(300))
+    _, y3 = run(0, 4)
+    _, y4 = run(1, 3)
+    assert not torch.equal(y1, y3) and not torch.equal(y1, y4)
+
+
+def test_loader_lengths():
+    split = id_split(300)
+    assert len(InMemoryLoader(split, 64, train=True, device="cpu", **IDENTITY)) == 5
+    loader = InMemoryLoader(split, 64, train=True, device="cpu", drop_last=True, **IDENTITY)
+    assert len(loader) == 4 and len(list(loader)) == 4
+
+
+def test_eval_order_fixed_and_normalized(full):
+    train, test, _, mean, std = full
+    loader = InMemoryLoader(test, 128, train=False, device="cpu", mean=mean, std=std, seed=5)
+    loader.set_epoch(7)
+    x, y = collect(loader)
+    assert x.dtype == torch.float32 and x.shape == (500, 3, 32, 32)
+    assert torch.equal(y, test.labels)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (test.images.float() / 255 - m) / s)
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 0.15
+    assert ((x.std(dim=(0, 2, 3)) - 1).abs() < 0.2).all()
+
+
+def test_channels_last():
+    loader = InMemoryLoader(id_split(10), 4, train=True, device="cpu", channels_last=True, **IDENTITY)
+    x, y = next(iter(loader))
+    assert x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
+
+
+def test_crops_are_shifted_windows():
+    loader = InMemoryLoader(id_split(256, value=255), 256, train=True, device="cpu", **IDENTITY)
+    x, _ = next(iter(loader))
+    inside = x[:, 0] > 0  # (B, 32, 32): the part of the window that covers the image
+    assert ((x == 0) | (x == 255)).all()
+    rows, cols = inside.any(2), inside.any(1)
+    assert torch.equal(inside, rows[:, :, None] & cols[:, None, :])  # one rectangle
+    for mask in (rows, cols):  # contiguous, at most 4 rows/cols lost to padding
+        assert (mask.sum(1) >= 28).all()
+        assert ((mask[:, 1:].int() - mask[:, :-1].int()).abs().sum(1) <= 1).all()
+    shifts = 32 - rows.sum(1)
+    assert len(shifts.unique()) == 5  # offsets 0..8 give shifts 0..4
+
+
+def test_flips_about_half():
+    ramp = (8 + 7 * torch.arange(32)).to(torch.uint8).expand(512, 3, 32, 32).contiguous()
+    loader = InMemoryLoader(ArraySplit(ramp, torch.arange(512)), 512, train=True, device="cpu", **IDENTITY)
+    x, _ = next(iter(loader))
+    row = x[:, 0, 16]
+    up = [bool((r[r > 0].diff() > 0).all()) for r in row]
+    down = [bool((r[r > 0].diff() < 0).all()) for r in row]
+    assert all(u != d for u, d in zip(up, down))  # each sample is the ramp or its mirror
+    assert 0.4 < sum(down) / 512 < 0.6
+
+
+def test_replicas_see_disjoint_shares():
+    split = id_split(301)
+    whole = InMemoryLoader(split, 32, train=True, device="cpu", seed=3, **IDENTITY)
+    whole.set_epoch(2)
+    shares = []
+    for rank in range(2):
+        loader = InMemoryLoader(split, 32, train=True, device="cpu", seed=3, rank_in_group=rank,
+                                group_size=2, **IDENTITY)
+        loader.set_epoch(2)
+        shares.append(collect(loader)[1])
+        assert len(shares[-1]) == 150 and len(loader) == 5
+    assert not set(shares[0].tolist()) & set(shares[1].tolist())
+    interleaved = torch.stack(shares, 1).reshape(-1)
+    assert torch.equal(interleaved, whole.indices()[:300])
+    # Eval: disjoint and complete, nothing dropped.
+    evals = [collect(InMemoryLoader(split, 32, train=False, device="cpu", rank_in_group=r,
+                                    group_size=2, **IDENTITY))[1] for r in range(2)]
+    assert sorted(torch.cat(evals).tolist()) == list(range(301))
+
+
+# ---------------------------------------------------------------- folder loaders
+
+
+def test_build_folder_loaders(tmp_path):
+    for s, n in (("train", 6), ("test", 3)):
+        for i, c in enumerate(["x", "y"]):
+            (tmp_path / s / c).mkdir(parents=True)
+            for k in range(n):
+                Image.new("RGB", (40, 36), (i * 100, k * 10, 0)).save(tmp_path / s / c / f"{k}.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), workers=0, in_memory=False, image_size=24)
+    train, evals, n = build_folder_loaders(cfg, 2, seed=0)
+    assert n == 2 and len(train.dataset) == 12
+    train.set_epoch(1)
+    assert train.sampler.epoch == 1
+    x, y = next(iter(train))
+    assert x.shape == (2, 3, 24, 24) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert sum(len(b[1]) for b in evals) == 6
+
+    cfg.val_fraction, cfg.eval_split = 0.5, "val"
+    shares = [build_folder_loaders(cfg, 2, seed=0, rank_in_group=r, group_size=2) for r in range(2)]
+    assert len(shares[0][0].dataset) == 6  # 3 of 6 per class held out
+    assert [len(list(s[1].sampler)) for s in shares] == [3, 3]
+    assert [len(s[0].sampler) for s in shares] == [3, 3]

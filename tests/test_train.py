@@ -1,0 +1,91 @@
+"""End to end: torchrun on CPU, 2 tiny networks on a few hundred real CIFAR-10 images."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from helpers import ROOT, torchrun
+
+FIXTURE = ROOT / "tests" / "fixtures" / "cifar10_sample.tar.gz"
+TIMING = {"images_per_sec", "train_seconds", "epoch_seconds", "graft_seconds"}
+
+
+def train(tmp_path, nproc=2, *overrides, name="run"):
+    out = tmp_path / name
+    args = ["-m", "graft.train", "--config", ROOT / "configs" / "quickstart.yaml", f"output_dir={out}",
+            "model=resnet8", "epochs=2", "batch_size=50", "data.train_subset=300", "data.test_subset=200",
+            f"data.cache_dir={tmp_path / 'cache'}", "progress=false", *overrides]
+    return torchrun(nproc, *args), out
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    first = train(tmp, 2, name="a")
+    second = train(tmp, 2, name="b")
+    return first, second
+
+
+def test_run_writes_every_output(two_runs):
+    (proc, out), _ = two_runs
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "topology: 2 network(s) x 1 replica(s)" in proc.stdout
+    assert "summary (test accuracy, %)" in proc.stdout
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["epochs"] == 2 and cfg["model"] == "resnet8"
+    recs = records(out)
+    assert sorted((r["epoch"], r["network"]) for r in recs) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in recs:
+        for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "ensemble_acc", "images_per_sec",
+                    "epoch_seconds", "graft_seconds", "invalid_filters", "filters"):
+            assert key in r, key
+        assert r["filters"] > 0 and set(r["invalid_filters"]) == {"0.1", "0.01"}
+    by = {(r["epoch"], r["network"]): r for r in recs}
+    # Epoch 0 grafts; the last epoch does not.
+    assert by[0, 0]["peer"] == 1 and by[0, 1]["peer"] == 0 and by[1, 0]["peer"] is None
+    assert by[0, 0]["graft_bytes"] > 0 and by[1, 0]["graft_bytes"] == 0
+    # Network k's entropy_peer equals network k-1's entropy_self, layer by layer.
+    for k, peer in ((0, 1), (1, 0)):
+        for mine, theirs in zip(by[0, k]["graft"], by[0, peer]["graft"]):
+            assert mine["layer"] == theirs["layer"] and mine["entropy_peer"] == theirs["entropy_self"]
+    # N = 2: alphas of the two networks sum to one, layer by layer.
+    for a, b in zip(by[0, 0]["graft"], by[0, 1]["graft"]):
+        assert a["alpha"] + b["alpha"] == pytest.approx(1.0)
+    assert by[0, 0]["ensemble_acc"] == by[0, 1]["ensemble_acc"]
+    assert by[0, 0]["lr"] == pytest.approx(by[0, 1]["lr"] / 2)  # difflr with N = 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["networks"]["0"]["final_acc"] == by[1, 0]["test_acc"]
+    assert summary["networks"]["1"]["best_acc"] == max(by[0, 1]["test_acc"], by[1, 1]["test_acc"])
+    assert summary["ensemble_final_acc"] == by[1, 0]["ensemble_acc"]
+    for k in (0, 1):
+        ckpt = torch.load(out / "checkpoints" / f"net{k}" / "epoch0001.pt", weights_only=False)
+        assert ckpt["network"] == k and ckpt["epoch"] == 1
+        assert (out / "checkpoints" / f"net{k}" / "best.pt").exists()
+
+
+def test_same_seed_same_metrics(two_runs):
+    (p1, a), (p2, b) = two_runs
+    assert p1.returncode == 0 and p2.returncode == 0
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+    assert strip(records(a)) == strip(records(b))
+
+
+def test_one_network_is_the_baseline(tmp_path):
+    proc, out = train(tmp_path, 1, "epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline: no grafting (one network)" in proc.stdout
+    assert [r["peer"] for r in records(out)] == [None]
+
+
+def test_bad_config_fails_fast_naming_the_key(tmp_path):
+    proc, out = train(tmp_path, 1, "grafting.A=3")
+    assert proc.returncode != 0
+    assert "graft: error: command line: grafting.A: must be in [0, 1]; got 3.0" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("graft: error")[0][-2000:]
+    assert not out.exists()
