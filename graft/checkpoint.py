@@ -11,11 +11,14 @@ Layout under the run directory::
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 FORMAT = "graft-checkpoint/1"
@@ -41,15 +44,20 @@ def atomic_save(obj, path: str | Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise CheckpointError(f"{path}: cannot write checkpoint ({why}); the previous one is intact") from None
         raise
 
 
@@ -91,3 +99,26 @@ def newest_complete(run_dir: str | Path, network: int) -> tuple[int, list[str]]:
         except CheckpointError as e:
             skipped.append(str(e))
     return -1, skipped
+
+
+def capture_rng(device: torch.device) -> dict:
+    """Every RNG the loop may draw from (the data order is a pure function of seed and epoch)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_setup(path: Path, saved: dict | None, current: dict) -> None:
+    """Raise CheckpointError listing every setting that differs from the checkpoint's."""
+    saved = saved or {}
+    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path}: cannot resume, the run was set up differently ({'; '.join(diffs)}); "
+                              "restore those settings, or start afresh with resume=never")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +84,12 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self, keys=("model", "num_classes", "data_parallel")) -> str:
-        """Hash of what a checkpoint must agree on to be resumed."""
-        part = {k: getattr(self, k) for k in keys}
-        part["grafting"] = {"level": self.grafting.level, "compat": self.grafting.compat}
-        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+    def setup(self, networks: int) -> dict:
+        """What a checkpoint must agree with to be resumed (epochs, lr, ... may change)."""
+        return {"model": self.model, "num_classes": self.num_classes, "networks": networks,
+                "data_parallel": self.data_parallel, "seed": self.seed, "data.name": self.data.name,
+                "grafting.enabled": self.grafting.enabled, "grafting.level": self.grafting.level,
+                "grafting.compat": self.grafting.compat}
 
 
 CHOICES = {

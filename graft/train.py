@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -53,13 +55,15 @@ class Stop(Exception):
 
 def _install_signal_handlers() -> None:
     def handler(signum, _frame):
-        raise Stop(f"received {signal.Signals(signum).name}")
+        raise Stop(f"received {signal.Signals(signum).name}: stopped; the last complete checkpoint "
+                   "is intact, rerun the same command to resume")
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 
@@ -139,6 +143,7 @@ def make_loaders(cfg: Config, topo: ring.Topology):
 
 
 def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
+    cfg = fresh_output_dir(cfg, topo)
     run_dir = Path(cfg.output_dir)
     networks = topo.networks
     grafting = cfg.grafting.enabled and networks > 1
@@ -169,7 +174,9 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
 
     plan = core.make_plan(model.state_dict(), cfg.grafting.compat)
     metrics = MetricsLog(run_dir / "metrics.jsonl") if topo.rank == 0 else None
-    start_epoch, best = resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log)
+    start_epoch, best = 0, -1.0
+    if cfg.resume == "auto":
+        start_epoch, best = resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log)
 
     train_model = model
     if topo.replicas > 1:
@@ -215,11 +222,9 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
             record.update({"peer": None, "graft_seconds": 0.0, "graft_bytes": 0})
         if topo.replica == 0:
             checkpoint.save_epoch(run_dir, topo.network, epoch, {
-                "fingerprint": cfg.fingerprint(), "networks": networks, "best_acc": best,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if topo.device.type == "cuda" else None},
+                "setup": cfg.setup(networks), "best_acc": best, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "rng": checkpoint.capture_rng(topo.device),
             })
         record["epoch_seconds"] = time.perf_counter() - epoch_start
         records = ring.all_gather_objects(topo, record) if topo.is_leader else None
@@ -237,46 +242,55 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     return summary
 
 
+def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
+    """``resume: never`` with checkpoints in output_dir: start afresh in output_dir-1, -2, ...
+    (rank 0 decides, everyone follows); nothing already saved is touched."""
+    if cfg.resume != "never":
+        return cfg
+    base, path, n = cfg.output_dir, cfg.output_dir, 0
+    while (Path(path) / "checkpoints").exists():
+        n += 1
+        path = f"{base}-{n}"
+    path = ring.all_gather_objects(topo, path, leaders_only=False)[0]
+    return dataclasses.replace(cfg, output_dir=path)
+
+
 def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tuple[int, float]:
-    """Restart from the newest epoch every network completed (``resume: auto``). Returns
-    (first epoch to train, best accuracy so far)."""
+    """Restart from the newest epoch every network completed (``resume: auto``).
+
+    Returns (first epoch to train, best accuracy so far). Damaged checkpoint files are skipped
+    (and named); the networks agree on the epoch with one collective.
+    """
     run_dir = Path(cfg.output_dir)
-    if cfg.resume == "never":
-        if topo.rank == 0 and checkpoint.epoch_files(run_dir, 0):
-            raise checkpoint.CheckpointError(
-                f"{run_dir}: holds checkpoints and resume=never; choose a new output_dir "
-                "(nothing was overwritten)")
-        return 0, -1.0
     newest, skipped = checkpoint.newest_complete(run_dir, topo.network)
     for reason in skipped:
         log(f"rank {topo.rank}: skipping damaged checkpoint: {reason}")
+    if newest >= 0:  # a foreign setup is named before the networks try to agree
+        path = checkpoint.epoch_path(run_dir, topo.network, newest)
+        checkpoint.check_setup(path, checkpoint.load(path).get("setup"), cfg.setup(topo.networks))
     everyone = ring.all_gather_objects(topo, newest, leaders_only=False)
     agreed = min(everyone)
     if agreed < 0:
         if max(everyone) >= 0:
             raise checkpoint.CheckpointError(
-                f"{run_dir}: some networks have checkpoints and others none ({everyone}); "
-                "use a new output_dir or resume=never")
+                f"{run_dir}: networks {[r // topo.replicas for r, e in enumerate(everyone) if e < 0]} have no "
+                "usable checkpoint while others do; cannot resume consistently (resume=never starts afresh "
+                "in a new directory)")
         return 0, -1.0
-    state = checkpoint.load(checkpoint.epoch_path(run_dir, topo.network, agreed), map_location=topo.device)
     path = checkpoint.epoch_path(run_dir, topo.network, agreed)
-    if state.get("fingerprint") != cfg.fingerprint() or state.get("networks") != topo.networks:
-        raise checkpoint.CheckpointError(
-            f"{path}: written by another setup (networks {state.get('networks')} vs {topo.networks}, "
-            f"config fingerprint {state.get('fingerprint')} vs {cfg.fingerprint()}: model, num_classes, "
-            "data_parallel or grafting level/compat differ); use a new output_dir or resume=never")
+    if not path.exists():
+        raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
+                                         "network completed; cannot resume consistently")
+    state = checkpoint.load(path, map_location=topo.device)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    checkpoint.restore_rng(state["rng"])
     if metrics is not None:
         metrics.truncate(after_epoch=agreed)
-        log(f"resuming from epoch {agreed} (the newest epoch every network completed)")
+        log(f"resuming after epoch {agreed + 1}/{cfg.epochs} (the newest epoch every network completed)")
     return agreed + 1, state.get("best_acc", -1.0)
 
 

@@ -65,6 +65,16 @@ def test_hybrid_two_networks_by_two_replicas(tmp_path):
         torch.testing.assert_close(outs[3]["after"][key], expected[key], rtol=0, atol=0)
 
 
+def test_nan_in_one_network_stops_every_network_unpoisoned(tmp_path):
+    proc = torchrun(3, WORKER, tmp_path, 1, "auto", "layer", "nan")
+    assert proc.returncode != 0
+    outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3)]
+    for r, out in enumerate(outs):
+        assert "NaN or Inf weights in network(s) [1]" in out["error"]
+        assert all(t.isfinite().all() for k, t in out["state"].items() if t.is_floating_point()) == (r != 1)
+    assert "(layer '3.weight')" in outs[1]["error"]
+
+
 def test_dead_peer_is_named_within_the_timeout(tmp_path):
     port = free_port()
     procs = []

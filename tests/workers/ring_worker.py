@@ -1,6 +1,6 @@
 """Run under torchrun by tests/test_ring.py: one graft step on a tiny model, states saved.
 
-    torchrun --standalone --nproc_per_node=N tests/workers/ring_worker.py OUT_DIR [replicas] [exchange] [level]
+    torchrun --standalone --nproc_per_node=N tests/workers/ring_worker.py OUT_DIR [replicas] [exchange] [level] [nan]
 """
 
 import sys
@@ -22,6 +22,7 @@ def main():
     replicas = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     exchange = sys.argv[3] if len(sys.argv) > 3 else "auto"
     level = sys.argv[4] if len(sys.argv) > 4 else "layer"
+    poison = len(sys.argv) > 5 and sys.argv[5] == "nan"  # network 1 reaches the graft with a NaN
     topo = ring.setup(replicas, "gloo", "cpu", timeout=60)
     torch.manual_seed(100 + topo.network)  # replicas of a network share the seed
     model = tiny_model()
@@ -32,8 +33,15 @@ def main():
                 m.weight.uniform_(-1, 1)
                 m.running_mean.normal_()
     state = model.state_dict()
+    if poison and topo.network == 1:
+        state["3.weight"][0, 0, 0, 0] = float("nan")
     plan = core.make_plan(state)
-    new_state, result = ring.graft_step(topo, state, plan, epoch=0, level=level, exchange=exchange)
+    try:
+        new_state, result = ring.graft_step(topo, state, plan, epoch=0, level=level, exchange=exchange)
+    except ring.GraftError as e:
+        print(f"graft: error: {e}", file=sys.stderr, flush=True)
+        torch.save({"error": str(e), "state": state}, out / f"rank{topo.rank}.pt")
+        sys.exit(1)
     torch.save({"network": topo.network, "replica": topo.replica, "peer": result.peer,
                 "before": state, "after": new_state, "table": result.table, "bytes": result.bytes,
                 "seconds": result.seconds, "layers": result.layers,

@@ -1,0 +1,175 @@
+"""Faults and bad input: kill and resume bit for bit, torchrun restarts, SIGTERM, damaged files."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from graft import checkpoint
+from helpers import ROOT, env, torchrun
+
+ARGS = ["model=resnet8", "epochs=3", "batch_size=50", "data.train_subset=200", "data.test_subset=100",
+        "progress=false", "optim.schedule=cosine"]
+
+
+def command(out, nproc=2, extra=(), overrides=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+            "-m", "graft.train", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"output_dir={out}",
+            f"data.cache_dir={out.parent / 'cache'}", *ARGS, *overrides]
+
+
+def run(out, **kw):
+    return subprocess.run(command(out, **kw), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+
+
+def final_states(out, epoch=2):
+    return [torch.load(checkpoint.epoch_path(out, k, epoch), weights_only=False)["model"] for k in (0, 1)]
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def start_and_interrupt(out, sig, who, extra=()):
+    """Start a run, wait for the first epoch's checkpoints, then send ``sig`` to a worker or the agent."""
+    proc = subprocess.Popen(command(out, extra=extra), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not all(checkpoint.epoch_path(out, k, 0).exists() for k in (0, 1)):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    if who == "agent":
+        proc.send_signal(sig)
+    else:
+        workers = children(proc.pid)
+        assert workers, "no worker processes found"
+        os.kill(workers[-1], sig)
+    sent = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=240)
+    return proc.returncode, stdout, stderr, time.monotonic() - sent
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "uninterrupted"
+    proc = run(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def assert_same_weights(a, b):
+    for sa, sb in zip(final_states(a), final_states(b)):
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+def assert_one_record_per_epoch(out):
+    assert sorted((r["epoch"], r["network"]) for r in records(out)) == [(e, k) for e in range(3) for k in (0, 1)]
+
+
+def test_sigkill_then_rerun_resumes_bit_for_bit(reference, tmp_path):
+    out = tmp_path / "killed"
+    code, _, _, _ = start_and_interrupt(out, signal.SIGKILL, "worker")
+    assert code != 0
+    proc = run(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming after epoch" in proc.stdout
+    assert_same_weights(reference, out)
+    assert_one_record_per_epoch(out)
+    ref = {(r["epoch"], r["network"]): r["test_acc"] for r in records(reference)}
+    assert {(r["epoch"], r["network"]): r["test_acc"] for r in records(out)} == ref
+
+
+def test_torchrun_max_restarts_recovers(reference, tmp_path):
+    out = tmp_path / "restarted"
+    code, stdout, stderr, _ = start_and_interrupt(out, signal.SIGKILL, "worker", extra=["--max-restarts=1"])
+    assert code == 0, stderr[-3000:]
+    assert "resuming after epoch" in stdout
+    assert_same_weights(reference, out)
+    assert_one_record_per_epoch(out)
+
+
+def test_sigterm_stops_quickly_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "preempted"
+    code, _, stderr, seconds = start_and_interrupt(out, signal.SIGTERM, "agent")
+    assert code != 0
+    assert seconds < 30
+    assert "received SIGTERM" in stderr
+    for k in (0, 1):
+        newest, skipped = checkpoint.newest_complete(out, k)
+        assert newest >= 0 and not skipped
+
+
+def test_damaged_newest_checkpoint_falls_back(reference, tmp_path):
+    out = tmp_path / "damaged"
+    assert run(out, overrides=["epochs=2"]).returncode == 0
+    bad = checkpoint.epoch_path(out, 1, 1)
+    bad.write_bytes(bad.read_bytes()[:1000])  # truncated
+    proc = run(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping damaged checkpoint: {bad}: unreadable checkpoint" in proc.stdout
+    assert "resuming after epoch 1/3" in proc.stdout  # network 1 had only epoch 0 intact
+    assert_one_record_per_epoch(out)
+
+
+def test_incompatible_resume_is_refused_and_nothing_changes(reference, tmp_path):
+    before = {p: p.read_bytes() for p in (reference / "checkpoints").rglob("*.pt")}
+    proc = run(reference, overrides=["model=resnet20"])
+    assert proc.returncode != 0
+    assert "cannot resume, the run was set up differently (model: 'resnet8' in the checkpoint, 'resnet20' now)" \
+        in proc.stderr
+    proc = run(reference, nproc=3)
+    assert proc.returncode != 0
+    assert "networks: 2 in the checkpoint, 3 now" in proc.stderr
+    assert {p: p.read_bytes() for p in (reference / "checkpoints").rglob("*.pt")} == before
+
+
+def test_resume_never_starts_afresh_elsewhere(reference):
+    before = (reference / "metrics.jsonl").read_text()
+    proc = run(reference, overrides=["resume=never", "epochs=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = reference.parent / f"{reference.name}-1"
+    assert len(records(fresh)) == 2
+    assert (reference / "metrics.jsonl").read_text() == before
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+    proc = run(tmp_path / "x", nproc=1, overrides=[f"data.root={tmp_path}/nope.tar.gz"])
+    assert proc.returncode != 0
+    assert f"graft: error: data.root: no such file or directory: {tmp_path}/nope.tar.gz" in proc.stderr
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "v": 1}, path)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(checkpoint.CheckpointError, match="disk full.*previous one is intact"):
+        checkpoint.atomic_save({"format": checkpoint.FORMAT, "v": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["v"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_foreign_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"net": {}}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a graft checkpoint"):
+        checkpoint.load(path)
