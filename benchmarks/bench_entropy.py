@@ -8,20 +8,9 @@ import argparse
 import torch
 
 from common import timeit, write_section
+from official import official_entropy
 from graft import weight_entropies
 from graft.models import build_model
-
-
-def official_entropy(x, n=10):
-    """grafting_cifar/grafting.py's entropy, restated: n masked passes, a sync per layer."""
-    x = x.reshape(-1)
-    scale = (x.max() - x.min()) / n
-    entropy = 0
-    for i in range(n):
-        p = torch.sum((x >= x.min() + i * scale) * (x < x.min() + (i + 1) * scale), dtype=torch.float) / len(x)
-        if p != 0:
-            entropy -= p * torch.log(p)
-    return float(entropy.cpu())
 
 
 def main():

@@ -55,7 +55,7 @@ class GraftingConfig:
     c: float = 500.0
     bins: int = 10
     compat: str = "default"       # default (the paper's formulas) | reference (the official code's)
-    exchange: str = "auto"        # auto | all_gather | ring (send/recv); auto: ring on NCCL, all_gather on gloo
+    exchange: str = "auto"        # auto (= ring) | ring (send to k+1, receive from k-1) | all_gather
 
 
 @dataclass
@@ -157,6 +157,11 @@ def _convert(hint, value, source: str, name: str):
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -11,8 +11,9 @@ Exchange, per graft:
 2. the replica-0 rank of each network ("leader") all-gathers a small table: per network a
    finite flag and the entropy of every layer, so alpha needs no second exchange and every
    network can log the whole table;
-3. the leaders move the weights, flattened into one buffer per dtype: a ring shift on NCCL
-   (send to k+1, receive from k-1: one model of traffic per rank) or an all-gather on gloo;
+3. the leaders move the weights, flattened into one buffer per dtype: by default a ring shift
+   (send to k+1, receive from k-1: one model of traffic per rank; batch_isend_irecv on NCCL,
+   plain isend/irecv on gloo), or an all-gather (N-1 models per rank) on request;
 4. each leader blends (graft.core) and, in hybrid mode, broadcasts the result to its replicas.
 """
 
@@ -216,15 +217,9 @@ class FlatState:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
-def _exchange_mode(topo: Topology, mode: str) -> str:
-    if mode == "auto":
-        return "ring" if topo.backend == "nccl" else "all_gather"
-    return mode
-
-
 def exchange_weights(topo: Topology, own: FlatState, mode: str = "auto") -> tuple[FlatState, int]:
     """Leaders only: receive the peer network's buffers. Returns (peer buffers, bytes received)."""
-    mode = _exchange_mode(topo, mode)
+    mode = "ring" if mode == "auto" else mode
     n, k = topo.networks, topo.network
     peer = own.empty_like()
     received = 0

@@ -22,6 +22,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert cfg.grafting.level == "filter" and cfg.seed == 7 and cfg.invalid_thresholds == [0.5]
     assert cfg.optim.momentum == Config().optim.momentum
     assert isinstance(load_config(path, ["grafting.c=100"]).grafting.c, float)
+    assert load_config(write(tmp_path, "optim:\n  weight_decay: 5e-4\n", "e.yaml")).optim.weight_decay == 5e-4
+    assert load_config(None, ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
 
 
 @pytest.mark.parametrize("text,message", [

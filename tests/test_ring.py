@@ -19,7 +19,7 @@ def run_ring(tmp_path, nproc, replicas=1, exchange="auto", level="layer"):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)], proc
 
 
-@pytest.mark.parametrize("nproc,exchange", [(2, "auto"), (3, "auto"), (3, "ring")])
+@pytest.mark.parametrize("nproc,exchange", [(2, "auto"), (3, "auto"), (3, "all_gather")])
 def test_ring_grafts_from_previous_network(tmp_path, nproc, exchange):
     outs, proc = run_ring(tmp_path, nproc, exchange=exchange)
     for k, out in enumerate(outs):
@@ -37,7 +37,7 @@ def test_ring_grafts_from_previous_network(tmp_path, nproc, exchange):
         for key in expected:
             torch.testing.assert_close(out["after"][key], expected[key], rtol=0, atol=0)
         model_bytes = sum(t.numel() * t.element_size() for t in out["before"].values())
-        hops = 1 if exchange == "ring" else nproc - 1
+        hops = nproc - 1 if exchange == "all_gather" else 1
         assert out["bytes"] == hops * model_bytes
 
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# CIFAR-10, ResNet-32/56/110: baseline vs filter grafting (the paper's CIFAR comparison of
+# baseline and grafted networks; see the paper for the table number). Paper, CIFAR-10 top-1 %:
+#   ResNet-32   baseline 92.83   grafted 93.94
+#   ResNet-56   baseline 93.50   grafted 94.73
+#   ResNet-110  baseline 93.81   grafted 94.96
+# Each config runs NETWORKS (default 2) networks; the baseline trains as many independent ones,
+# so summary.json's mean compares like with like. VARIANTS picks the runs (default: all three).
+#   scripts/reproduce/cifar10_resnet.sh [key=value ...]
+#   MODELS=resnet32 VARIANTS="baseline graft_difflr" scripts/reproduce/cifar10_resnet.sh data.download=true
+source "$(dirname "$0")/_launch.sh"
+for model in ${MODELS:-resnet32 resnet56 resnet110}; do
+    for variant in ${VARIANTS:-baseline graft_samelr graft_difflr}; do
+        launch "$NETWORKS" "configs/cifar10/${model}_${variant}.yaml" \
+            "$RUNS/cifar10/${model}_${variant}" "$@"
+    done
+done
