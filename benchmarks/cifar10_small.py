@@ -1,13 +1,16 @@
-"""Small-scale reproduction on real CIFAR-10 (2-core CPU, well under an hour).
+"""Small-scale reproduction on real CIFAR-10 (2-core CPU, well under an hour per study).
 
-Three arms with the same schedule, each for several seeds, all through the launcher:
+Arms with the same schedule, each for several seeds, all through the launcher:
   baseline   2 networks trained independently (grafting disabled, same difflr learning rates)
   graft-2    2 networks, grafting
-  graft-3    3 networks, grafting
-Writes results/cifar10_small.md (table) and results/cifar10_small.png (curves). Runs already
-finished (their summary.json exists) are not repeated, so the script can be rerun after a stop.
+  graft-3    3 networks, grafting                               (study "grafting")
+  kd         2 networks, no grafting, distilled from a teacher  (study "cultivation")
+  graft-kd   2 networks, grafting and distillation              (study "cultivation")
+The cultivation teacher is a one-network run of the same launcher (--teacher-model, trained once).
+Writes results/<study>_small.md (table) and a PNG of the curves beside it. Runs already finished
+(their summary.json exists) are not repeated, so the script can be rerun after a stop.
 
-    python benchmarks/cifar10_small.py [--data ../shared/data/cifar10-jpeg.tar.gz] [--epochs 15]
+    python benchmarks/cifar10_small.py [--study grafting|cultivation] [--epochs 15] [--seeds 0 1]
 """
 
 import argparse
@@ -19,24 +22,41 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = {"baseline": (2, False), "graft-2": (2, True), "graft-3": (3, True)}
+# arm -> (networks, grafting, distilled from the teacher)
+ARMS = {"baseline": (2, False, False), "graft-2": (2, True, False), "graft-3": (3, True, False),
+        "kd": (2, False, True), "graft-kd": (2, True, True)}
+STUDIES = {"grafting": ("baseline", "graft-2", "graft-3"),
+           "cultivation": ("baseline", "graft-2", "kd", "graft-kd")}
 
 
-def run_arm(args, arm: str, seed: int) -> Path:
-    nproc, grafting = ARMS[arm]
-    out = Path(args.runs) / f"{arm}-seed{seed}"
+def launch(args, out: Path, nproc: int, overrides: list[str], threads: int = 1) -> Path:
     if (out / "summary.json").exists():
         return out
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "graft.train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-           f"output_dir={out}", f"seed={seed}", f"epochs={args.epochs}", f"model={args.model}",
-           "batch_size=128", "optim.lr=0.1", "optim.schedule=cosine", "optim.difflr=true",
-           f"grafting.enabled={str(grafting).lower()}", "data.name=tar", f"data.root={args.data}",
-           f"data.train_subset={args.train_subset}", "data.test_subset=0", "progress=false"]
+           f"output_dir={out}", "batch_size=128", "optim.lr=0.1", "optim.schedule=cosine", "data.name=tar",
+           f"data.root={args.data}", f"data.train_subset={args.train_subset}", "progress=false", *overrides]
     print("+", " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     return out
+
+
+def teacher(args) -> Path:
+    """A one-network baseline run; its best checkpoint is the teacher."""
+    out = launch(args, Path(args.runs) / f"teacher-{args.teacher_model}", 1,
+                 [f"model={args.teacher_model}", f"epochs={args.teacher_epochs}", "seed=100",
+                  "grafting.enabled=false", "data.test_subset=2000"], threads=2)
+    return out / "checkpoints" / "net0" / "best.pt"
+
+
+def run_arm(args, arm: str, seed: int) -> Path:
+    nproc, grafting, distilled = ARMS[arm]
+    overrides = [f"seed={seed}", f"epochs={args.epochs}", f"model={args.model}", "optim.difflr=true",
+                 f"grafting.enabled={str(grafting).lower()}", "data.test_subset=0"]
+    if distilled:
+        overrides.append(f"distill.teachers=[{teacher(args)}]")
+    return launch(args, Path(args.runs) / f"{arm}-seed{seed}", nproc, overrides)
 
 
 def load(out: Path) -> list[dict]:
@@ -75,6 +95,7 @@ def arm_figures(runs: list[list[dict]]) -> dict:
 
 def write_report(args, results: dict[str, list[list[dict]]]) -> None:
     out = ROOT / "results"
+    name = f"{'cifar10' if args.study == 'grafting' else 'cultivation'}_small"
     out.mkdir(exist_ok=True)
     rows = []
     for arm, runs in results.items():
@@ -85,13 +106,20 @@ def write_report(args, results: dict[str, list[list[dict]]]) -> None:
                     f"{mean_std(p['ens_best'])} | {statistics.mean(p['inv01']):.1f} / {f['filters']} | "
                     f"{statistics.mean(p['inv001']):.1f} / {f['filters']} | {statistics.mean(p['overhead']):.2f}% |")
     cmd = "python benchmarks/cifar10_small.py " + " ".join(sys.argv[1:])
-    text = f"""# Filter grafting on real CIFAR-10, small scale (CPU)
+    teacher_line = ""
+    if args.study == "cultivation":
+        t = load(Path(args.runs) / f"teacher-{args.teacher_model}")
+        teacher_line = (f"Teacher: {args.teacher_model}, one network, {args.teacher_epochs} epochs on the same subset, "
+                        f"best on a 2,000-image test subset {max(r['test_acc'] for r in t):.2f}% "
+                        f"(kept as best.pt); distillation tau 2, weight 1.\n")
+    title = "Filter grafting" if args.study == "grafting" else "Cultivation (grafting + distillation)"
+    text = f"""# {title} on real CIFAR-10, small scale (CPU)
 
 Command: `{cmd}`
 Data: `{args.data}` (real CIFAR-10 JPEGs), class-balanced training subset of {args.train_subset} images,
 the full 10,000-image test set. Model {args.model}, {args.epochs} epochs, batch 128 per network, SGD lr 0.1
 momentum 0.9 wd 5e-4, cosine schedule, difflr (network k of N starts at lr (1 + cos(pi (N-k)/N)) / 2),
-seeds {", ".join(map(str, args.seeds))}. Accuracies in %, mean ± std over seeds. "net 1" is the first network
+seeds {", ".join(map(str, args.seeds))}. {teacher_line}Accuracies in %, mean ± std over seeds. "net 1" is the first network
 (the one with the smallest difflr learning rate); "mean" is the mean over the networks of a run.
 Invalid filters: conv filters with L1 norm below the threshold at the end, mean over networks.
 Graft overhead: time in the graft step (check-in, exchange, entropies, blend) over all epoch time.
@@ -100,7 +128,7 @@ Graft overhead: time in the graft step (check-in, exchange, entropies, blend) ov
 |---|---|---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + f"""
 
-![test accuracy and invalid filters per epoch](cifar10_small.png)
+![test accuracy and invalid filters per epoch]({name}.png)
 
 ## What this scale can and cannot show
 - It runs the real pipeline end to end (real images, the launcher, the ring, grafting every epoch)
@@ -113,8 +141,8 @@ Graft overhead: time in the graft step (check-in, exchange, entropies, blend) ov
 - Ensembles differ by construction: grafted networks become similar (with 2 networks, identical
   after each graft), so their ensemble gains less over a single network than independent ones.
 """
-    (out / "cifar10_small.md").write_text(text)
-    plot(results, out / "cifar10_small.png")
+    (out / f"{name}.md").write_text(text)
+    plot(results, out / f"{name}.png")
     print(text)
 
 
@@ -128,7 +156,7 @@ def plot(results, path: Path) -> None:
         print("matplotlib not installed (pip install -e .[plot]): no plot", file=sys.stderr)
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for (arm, runs), color in zip(results.items(), ("tab:gray", "tab:blue", "tab:red")):
+    for (arm, runs), color in zip(results.items(), ("tab:gray", "tab:blue", "tab:red", "tab:green")):
         for i, recs in enumerate(runs):
             epochs = sorted({r["epoch"] for r in recs})
             acc = [statistics.mean(r["test_acc"] for r in recs if r["epoch"] == e) for e in epochs]
@@ -146,6 +174,9 @@ def plot(results, path: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", choices=sorted(STUDIES), default="grafting")
+    parser.add_argument("--teacher-model", default="resnet32")
+    parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--epochs", type=int, default=15)
@@ -153,7 +184,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--runs", default=str(ROOT / "runs" / "cifar10_small"))
     args = parser.parse_args()
-    results = {arm: [load(run_arm(args, arm, seed)) for seed in args.seeds] for arm in ARMS}
+    results = {arm: [load(run_arm(args, arm, seed)) for seed in args.seeds] for arm in STUDIES[args.study]}
     write_report(args, results)
 
 

@@ -59,6 +59,14 @@ class GraftingConfig:
 
 
 @dataclass
+class DistillConfig:
+    teachers: list[str] = field(default_factory=list)  # graft checkpoints (best.pt or epochNNNN.pt)
+    tau: float = 2.0              # temperature
+    weight: float = 1.0           # loss = CE + weight * tau^2 * KL(target || student)
+    mutual: bool = False          # also distill from the other networks' mean prediction (same batches)
+
+
+@dataclass
 class Config:
     model: str = "resnet20"
     num_classes: int = 0          # 0 = from the data set
@@ -80,6 +88,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     grafting: GraftingConfig = field(default_factory=GraftingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +123,7 @@ RANGES = {
     "optim.lr": (0, None), "optim.momentum": (0, 1), "optim.weight_decay": (0, None),
     "optim.step_size": (1, None), "optim.gamma": (0, 1),
     "grafting.A": (0, 1), "grafting.c": (0, None), "grafting.bins": (2, None),
+    "distill.tau": (1e-3, None), "distill.weight": (0, None),
 }
 
 
@@ -189,6 +199,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise ConfigError(f"{source}: invalid_thresholds: must be positive; got {cfg.invalid_thresholds}")
     if cfg.grafting.compat == "reference" and cfg.grafting.level != "layer":
         raise ConfigError(f"{source}: grafting.compat: 'reference' supports grafting.level=layer only")
+    if cfg.distill.mutual and cfg.data_parallel != 1:
+        raise ConfigError(f"{source}: distill.mutual: needs data_parallel=1 (every network must see the same batches)")
     if cfg.data.eval_split == "val" and cfg.data.val_fraction <= 0:
         raise ConfigError(f"{source}: data.eval_split: 'val' needs data.val_fraction > 0")
     return cfg

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint, core, ring
+from . import checkpoint, core, distill, ring
 from .config import Config, ConfigError, load_config, save_config
 from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
 from .models import build_model
@@ -67,7 +67,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, per_iter, scaler, autocast, progress, device) -> dict:
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scaler, autocast, progress,
+                    device) -> dict:
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -77,7 +78,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, per_iter, scaler, autoc
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast():
             outputs = model(images)
-            loss = F.cross_entropy(outputs, labels)
+            loss = loss_fn(outputs, labels, images)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -126,7 +127,9 @@ def ensemble_accuracy(topo: ring.Topology, probs: torch.Tensor, labels: torch.Te
 
 
 def make_loaders(cfg: Config, topo: ring.Topology):
-    data_seed = cfg.seed + 1000 * topo.network  # data order differs per network, not per replica
+    # Data order differs per network (not per replica), except in mutual distillation, where
+    # every network must see the same batch to distill from the others' predictions on it.
+    data_seed = cfg.seed if cfg.distill.mutual else cfg.seed + 1000 * topo.network
     if cfg.data.in_memory:
         if topo.local_rank == 0:  # decode (and cache) once per node; the other ranks read the cache
             train, held, num_classes, mean, std = load_arrays(cfg.data)
@@ -172,6 +175,11 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     def autocast():
         return torch.autocast(topo.device.type, amp_dtype) if use_amp else contextlib.nullcontext()
 
+    teachers = distill.load_teachers(cfg.distill.teachers, topo.device, cfg.channels_last)
+    loss_fn = distill.make_loss(cfg, teachers, topo.leader_group if networks > 1 else None)
+    if topo.rank == 0 and (teachers or cfg.distill.mutual):
+        log(f"distillation: {len(teachers)} teacher(s){', mutual' if cfg.distill.mutual else ''}, "
+            f"tau {cfg.distill.tau:g}, weight {cfg.distill.weight:g}")
     plan = core.make_plan(model.state_dict(), cfg.grafting.compat)
     metrics = MetricsLog(run_dir / "metrics.jsonl") if topo.rank == 0 else None
     start_epoch, best = 0, -1.0
@@ -194,7 +202,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         progress = _progress(show, topo, epoch, cfg.epochs, len(train_loader))
         lr = optimizer.param_groups[0]["lr"]
         record = {"epoch": epoch, "network": topo.network, "lr": lr}
-        record.update(train_one_epoch(train_model, train_loader, optimizer, scheduler, per_iter, scaler,
+        record.update(train_one_epoch(train_model, train_loader, loss_fn, optimizer, scheduler, per_iter, scaler,
                                       autocast, progress, topo.device))
         if topo.is_leader:
             stats, probs, labels = evaluate(model, eval_loader, autocast, topo.device)
@@ -206,7 +214,8 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
             if record["test_acc"] > best:
                 best = record["test_acc"]
                 checkpoint.atomic_save({"format": checkpoint.FORMAT, "network": topo.network, "epoch": epoch,
-                                        "test_acc": best, "model": model.state_dict()},
+                                        "setup": cfg.setup(networks), "test_acc": best,
+                                        "model": model.state_dict()},
                                        checkpoint.network_dir(run_dir, topo.network) / "best.pt")
         if grafting and epoch < cfg.epochs - 1:
             g = cfg.grafting

@@ -13,7 +13,9 @@ from graft.models import CIFAR_MODELS, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-EXPERIMENTS = [p for p in CONFIGS if p.name != "quickstart.yaml"]  # quickstart is a demo
+# quickstart is a demo; cultivation configs are checked on their own below
+EXPERIMENTS = [p for p in CONFIGS if p.name != "quickstart.yaml" and p.parent.name != "cultivation"]
+CULTIVATION = [p for p in CONFIGS if p.parent.name == "cultivation"]
 CIFAR_NAMES = ("resnet32", "resnet56", "resnet110", "mobilenetv2", "wrn28_10")
 
 
@@ -109,3 +111,16 @@ def test_cifar_model_trains_one_step(model, num_classes):
     opt.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+
+
+def test_cultivation_students_point_at_their_teachers_configs(loaded):
+    teachers = {load_config(p).output_dir: p for p in CULTIVATION if p.stem.startswith("teacher_")}
+    assert teachers, "no teacher configs"
+    for path in CULTIVATION:
+        cfg = loaded[rel(path)]
+        if path.stem.startswith("teacher_"):
+            assert cfg.grafting.enabled is False and not cfg.distill.teachers, rel(path)
+        for teacher in cfg.distill.teachers:
+            run_dir = teacher.split("/checkpoints/")[0]
+            assert run_dir in teachers, f"{rel(path)}: no config trains {teacher}"
+            assert loaded[rel(teachers[run_dir])].num_classes == cfg.num_classes, rel(path)
