@@ -87,9 +87,9 @@ def arm_figures(runs: list[list[dict]]) -> dict:
         total_filters = final[0]["filters"]
         per_seed["inv01"].append(statistics.mean(r["invalid_filters"]["0.1"] for r in final))
         per_seed["inv001"].append(statistics.mean(r["invalid_filters"]["0.01"] for r in final))
-        grafted = [r for r in recs if r["graft_seconds"] > 0]
-        per_seed["overhead"].append(100 * sum(r["graft_seconds"] for r in grafted)
-                                    / max(sum(r["epoch_seconds"] for r in recs), 1e-9))
+        # Median over epochs, so that one slow epoch (a paused or busy machine) does not skew it.
+        shares = [r["graft_seconds"] / r["epoch_seconds"] for r in recs if r["epoch"] < last]
+        per_seed["overhead"].append(100 * statistics.median(shares) if shares else 0.0)
     return {"per_seed": per_seed, "filters": total_filters}
 
 
@@ -122,7 +122,8 @@ momentum 0.9 wd 5e-4, cosine schedule, difflr (network k of N starts at lr (1 + 
 seeds {", ".join(map(str, args.seeds))}. {teacher_line}Accuracies in %, mean ± std over seeds. "net 1" is the first network
 (the one with the smallest difflr learning rate); "mean" is the mean over the networks of a run.
 Invalid filters: conv filters with L1 norm below the threshold at the end, mean over networks.
-Graft overhead: time in the graft step (check-in, exchange, entropies, blend) over all epoch time.
+Graft overhead: time in the graft step (check-in, exchange, entropies, blend) as a share of the epoch's
+time, median over the grafted epochs (0 where nothing is grafted).
 
 | arm | seeds | net 1 final | net 1 best | mean final | mean best | ensemble final | ensemble best | invalid < 0.1 | invalid < 0.01 | graft overhead |
 |---|---|---|---|---|---|---|---|---|---|---|

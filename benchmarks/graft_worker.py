@@ -23,7 +23,7 @@ from official import official_graft
 
 def main():
     model_name, folder, repeat, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    polls = [float(p) for p in sys.argv[5].split(",")]
+    polls = [float(p) for p in sys.argv[5].split(",") if p]
     exchanges = sys.argv[6].split(",")
     topo = ring.setup(1, "gloo", "cpu", timeout=600)
     torch.manual_seed(topo.network)

@@ -1,0 +1,126 @@
+"""Training throughput of one network: our loop against a reference loop in the official code's style.
+
+Ours: uint8 images held on the device, crop + flip per batch on the device (graft.data), channels_last.
+Reference (grafting_cifar/grafting.py's data path): arrays turned into PIL images per sample,
+RandomCrop(32, 4) + RandomHorizontalFlip + ToTensor + Normalize, a DataLoader with 2 workers,
+NCHW float32. Same model, optimizer, batch size and real CIFAR-10 images. Runs are paired and
+interleaved (ours, reference, reference, ours, ...): this machine's speed drifts by tens of
+percent, so the figure is the median of the per-pair ratios.
+
+    python benchmarks/bench_throughput.py [--models resnet32 mobilenetv2] [--pairs 4] [--write]
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+
+from common import write_section
+from graft.config import DataConfig
+from graft.data import InMemoryLoader, load_arrays
+from graft.models import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """CIFAR-style: an HWC uint8 array per sample, made a PIL image, then the transforms."""
+
+    def __init__(self, images, labels, transform):
+        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def train_steps(model, batches, steps: int, warmup: int, channels_last: bool) -> float:
+    """Images per second over ``steps`` SGD steps after ``warmup`` steps."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    it = iter(batches)
+    seen, start = 0, None
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+            seen = 0
+        images, labels = next(it)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += labels.numel()
+    return seen / (time.perf_counter() - start)
+
+
+def ours(model_name, split, mean, std, steps, warmup, channels_last=True):
+    torch.manual_seed(0)
+    model = build_model(model_name, 10)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = InMemoryLoader(split, 128, train=True, device="cpu", mean=mean, std=std, seed=0,
+                            channels_last=channels_last)
+    return train_steps(model, iter(loader), steps, warmup, channels_last=False)
+
+
+def reference(model_name, split, mean, std, steps, warmup):
+    torch.manual_seed(0)
+    model = build_model(model_name, 10)
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(mean, std)])
+    loader = torch.utils.data.DataLoader(PILDataset(split.images, split.labels, transform), batch_size=128,
+                                         shuffle=True, num_workers=2, persistent_workers=False)
+    return train_steps(model, iter(loader), steps, warmup, channels_last=False)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+    parser.add_argument("--models", nargs="+", default=["resnet32", "mobilenetv2"])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+
+    train, _, _, mean, std = load_arrays(DataConfig(name="tar", root=args.data, train_subset=128 * 20))
+    rows = ["| model | ours, channels_last (img/s) | ours, NCHW (img/s) | reference loop (img/s) | "
+            "ours / reference (median of pairs) |", "|---|---|---|---|---|"]
+    for name in args.models:
+        o, o_nchw, r, ratios = [], [], [], []
+        for pair in range(args.pairs):
+            runs = [("ours", lambda: ours(name, train, mean, std, args.steps, args.warmup)),
+                    ("ref", lambda: reference(name, train, mean, std, args.steps, args.warmup))]
+            if pair % 2:
+                runs.reverse()
+            got = {label: fn() for label, fn in runs}
+            o.append(got["ours"])
+            r.append(got["ref"])
+            ratios.append(got["ours"] / got["ref"])
+            o_nchw.append(ours(name, train, mean, std, args.steps, args.warmup, channels_last=False))
+            print(f"{name} pair {pair}: ours {got['ours']:.0f}, reference {got['ref']:.0f}, "
+                  f"ours NCHW {o_nchw[-1]:.0f} img/s", flush=True)
+        rows.append(f"| {name} | {statistics.median(o):.0f} | {statistics.median(o_nchw):.0f} | "
+                    f"{statistics.median(r):.0f} | {statistics.median(ratios):.2f}x |")
+    body = ("## Training throughput of one network (CPU)\n\n"
+            f"Batch 128, SGD, real CIFAR-10 images, {args.steps} timed steps after {args.warmup} warm-up "
+            f"steps, {args.pairs} interleaved pairs, {torch.get_num_threads()} threads.\n\n" + "\n".join(rows))
+    if args.write:
+        write_section("throughput-cpu", body)
+    else:
+        print(body)
+
+
+if __name__ == "__main__":
+    main()
