@@ -46,7 +46,12 @@ def write_section(name: str, body: str) -> None:
     stamp = (f"Command: `{command}`  \nMachine: {machine()}  \n"
              f"Date: {datetime.date.today().isoformat()}\n\n")
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    block = f"{begin}\n{stamp}{body.strip()}\n{end}"
+    body = body.strip()
+    heading = ""
+    if body.startswith("## "):  # the section's title goes above the stamp
+        heading, _, body = body.partition("\n")
+        heading += "\n\n"
+    block = f"{begin}\n{heading}{stamp}{body.strip()}\n{end}"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
