@@ -5,7 +5,65 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from pathlib import Path
+
+
+class Progress:
+    """A tqdm bar over one epoch's batches, with loss, accuracy and images/s.
+
+    Shown on each node's local rank 0 when ``enabled`` (and stderr is a terminal). The postfix
+    is refreshed every ``every`` steps, which costs one device sync each time.
+    """
+
+    def __init__(self, enabled: bool, desc: str, total: int, every: int = 20):
+        self.enabled, self.desc, self.total, self.every = enabled, desc, total, every
+        self.bar = None
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, iterable):
+        if not self.enabled:
+            return iterable
+        from tqdm import tqdm
+
+        self.bar = tqdm(iterable, total=self.total, desc=self.desc, leave=False, dynamic_ncols=True)
+        return self.bar
+
+    def step(self, loss_sum, correct, seen: int) -> None:
+        self.steps += 1
+        if self.bar is None or self.steps % self.every:
+            return
+        rate = seen / (time.perf_counter() - self.start)
+        self.bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * float(correct) / seen:.1f}%",
+                             img_s=f"{rate:.0f}", refresh=False)
+
+
+class TensorBoardLog:
+    """Scalars per network per epoch, when tensorboard is installed (rank 0 only)."""
+
+    KEYS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "mean_alpha", "images_per_sec",
+            "epoch_seconds", "graft_seconds")
+
+    def __init__(self, run_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            self.writer = None
+            return
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, records: list[dict]) -> None:
+        if self.writer is None:
+            return
+        for r in records:
+            for key in self.KEYS:
+                if r.get(key) is not None:
+                    self.writer.add_scalar(f"{key}/net{r['network']}", r[key], r["epoch"])
+            for thr, n in r.get("invalid_filters", {}).items():
+                self.writer.add_scalar(f"invalid_filters_{thr}/net{r['network']}", n, r["epoch"])
+        self.writer.add_scalar("ensemble_acc", records[0]["ensemble_acc"], records[0]["epoch"])
+        self.writer.flush()
 
 
 class MetricsLog:

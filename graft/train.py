@@ -28,7 +28,7 @@ from . import checkpoint, core, distill, ring
 from .config import Config, ConfigError, load_config, save_config
 from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
 from .models import build_model
-from .report import MetricsLog, epoch_table, summarize
+from .report import MetricsLog, Progress, TensorBoardLog, epoch_table, summarize
 
 
 def initial_lr(cfg: Config, network: int, networks: int) -> float:
@@ -92,6 +92,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scal
         total_loss += loss.detach() * labels.numel()
         correct += (outputs.argmax(1) == labels).sum()
         seen += labels.numel()
+        progress.step(total_loss, correct, seen)
     seconds = time.perf_counter() - start
     if not per_iter:
         scheduler.step()
@@ -195,11 +196,12 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         train_model = torch.compile(train_model)
 
     show = cfg.progress and topo.local_rank == 0 and sys.stderr.isatty()
+    tensorboard = TensorBoardLog(run_dir) if topo.rank == 0 else None
     thresholds = tuple(cfg.invalid_thresholds)
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
-        progress = _progress(show, topo, epoch, cfg.epochs, len(train_loader))
+        progress = Progress(show, f"net {topo.network} epoch {epoch + 1}/{cfg.epochs}", len(train_loader))
         lr = optimizer.param_groups[0]["lr"]
         record = {"epoch": epoch, "network": topo.network, "lr": lr}
         record.update(train_one_epoch(train_model, train_loader, loss_fn, optimizer, scheduler, per_iter, scaler,
@@ -241,6 +243,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
             ring.arrive(topo, f"epoch {epoch} logged")
         if metrics is not None:
             metrics.write(records)
+            tensorboard.write(records)
             log(epoch_table(records, cfg.epochs, thresholds))
 
     summary = None
@@ -301,15 +304,6 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
         metrics.truncate(after_epoch=agreed)
         log(f"resuming after epoch {agreed + 1}/{cfg.epochs} (the newest epoch every network completed)")
     return agreed + 1, state.get("best_acc", -1.0)
-
-
-def _progress(show: bool, topo, epoch: int, epochs: int, total: int):
-    if not show:
-        return lambda it: it
-    from tqdm import tqdm
-
-    return lambda it: tqdm(it, total=total, leave=False, dynamic_ncols=True,
-                           desc=f"net {topo.network} epoch {epoch + 1}/{epochs}")
 
 
 def parse_args(argv=None):

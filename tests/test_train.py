@@ -63,6 +63,7 @@ def test_run_writes_every_output(two_runs):
     assert summary["networks"]["0"]["final_acc"] == by[1, 0]["test_acc"]
     assert summary["networks"]["1"]["best_acc"] == max(by[0, 1]["test_acc"], by[1, 1]["test_acc"])
     assert summary["ensemble_final_acc"] == by[1, 0]["ensemble_acc"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
     for k in (0, 1):
         ckpt = torch.load(out / "checkpoints" / f"net{k}" / "epoch0001.pt", weights_only=False)
         assert ckpt["network"] == k and ckpt["epoch"] == 1
@@ -74,6 +75,17 @@ def test_same_seed_same_metrics(two_runs):
     assert p1.returncode == 0 and p2.returncode == 0
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
     assert strip(records(a)) == strip(records(b))
+
+
+def test_progress_bar_shows_loss_accuracy_and_rate(capsys):
+    from graft.report import Progress
+
+    progress = Progress(True, "net 0 epoch 1/1", total=4, every=2)
+    for i, _ in enumerate(progress(range(4))):
+        progress.step(torch.tensor(2.0 * (i + 1) * 10), torch.tensor(5 * (i + 1)), 10 * (i + 1))
+    postfix = progress.bar.postfix
+    progress.bar.close()
+    assert "loss=2.000" in postfix and "acc=50.0%" in postfix and "img_s=" in postfix
 
 
 def test_one_network_is_the_baseline(tmp_path):

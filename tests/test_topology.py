@@ -1,0 +1,51 @@
+"""Topology checks that run before any process group starts."""
+
+import pytest
+import torch
+
+from graft import ring
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch):
+    def set_env(rank=0, world=1, local_world=None):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world or world))
+    return set_env
+
+
+def test_single_process_is_one_network(torchrun_env):
+    torchrun_env()
+    topo = ring.setup(1, "auto", "cpu")
+    assert (topo.networks, topo.network, topo.peer, topo.distributed) == (1, 0, 0, False)
+    assert "1 network(s) x 1 replica(s)" in topo.describe()
+
+
+def test_ring_order_and_hybrid_numbering():
+    topo = ring.Topology(rank=5, world=8, replicas=2)
+    assert (topo.networks, topo.network, topo.replica, topo.peer) == (4, 2, 1, 1)
+    assert topo.leader_rank(3) == 6 and not topo.is_leader
+    assert "ring (grafts from): 0 <- 1 <- 2 <- 3 <- 0" in topo.describe()
+
+
+def test_world_must_be_a_multiple_of_data_parallel(torchrun_env):
+    torchrun_env(world=3)
+    with pytest.raises(ring.TopologyError, match="not a multiple of data_parallel=2"):
+        ring.setup(2, "gloo", "cpu")
+
+
+def test_two_nccl_ranks_on_one_gpu_are_refused(torchrun_env, monkeypatch):
+    torchrun_env(world=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ring.TopologyError, match=r"Duplicate GPU detected.*--nproc_per_node=1, or set backend=gloo"):
+        ring.setup(1, "auto", "auto")
+
+
+def test_nccl_needs_cuda(torchrun_env, monkeypatch):
+    torchrun_env(world=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ring.TopologyError, match="backend=nccl needs CUDA"):
+        ring.setup(1, "nccl", "auto")
