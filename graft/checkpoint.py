@@ -70,6 +70,14 @@ def save_epoch(run_dir: str | Path, network: int, epoch: int, payload: dict, kee
     return path
 
 
+def save_best(run_dir: str | Path, network: int, epoch: int, test_acc: float, setup: dict, model: dict) -> Path:
+    """The best evaluated weights; ``setup`` names the model, so the file can serve as a teacher."""
+    path = network_dir(run_dir, network) / "best.pt"
+    atomic_save({"format": FORMAT, "network": network, "epoch": epoch, "test_acc": test_acc, "setup": setup,
+                 "model": model}, path)
+    return path
+
+
 def epoch_files(run_dir: str | Path, network: int) -> list[tuple[int, Path]]:
     d = network_dir(run_dir, network)
     if not d.is_dir():

@@ -119,6 +119,14 @@ def evaluate(model, loader, autocast, device) -> tuple[dict, torch.Tensor, torch
     return {"test_loss": loss_sum / len(labels), "test_acc": acc}, probs, labels
 
 
+def evaluate_network(model, loader, autocast, topo: ring.Topology, thresholds) -> dict:
+    """Test loss and accuracy, the ensemble's accuracy and the invalid-filter counts (leaders)."""
+    stats, probs, labels = evaluate(model, loader, autocast, topo.device)
+    invalid = core.count_invalid_filters(model, thresholds)
+    return {**stats, "ensemble_acc": ensemble_accuracy(topo, probs, labels), "filters": invalid["total"],
+            "invalid_filters": {str(t): n for t, n in invalid["invalid"].items()}}
+
+
 def ensemble_accuracy(topo: ring.Topology, probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Accuracy of the mean of all networks' softmax outputs (leaders only, one all_reduce)."""
     if topo.distributed:
@@ -206,19 +214,11 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         record = {"epoch": epoch, "network": topo.network, "lr": lr}
         record.update(train_one_epoch(train_model, train_loader, loss_fn, optimizer, scheduler, per_iter, scaler,
                                       autocast, progress, topo.device))
-        if topo.is_leader:
-            stats, probs, labels = evaluate(model, eval_loader, autocast, topo.device)
-            record.update(stats)
-            record["ensemble_acc"] = ensemble_accuracy(topo, probs, labels)
-            invalid = core.count_invalid_filters(model, thresholds)
-            record["filters"] = invalid["total"]
-            record["invalid_filters"] = {str(t): n for t, n in invalid["invalid"].items()}
+        if topo.is_leader:  # each network as trained, before grafting, as the paper reports it
+            record.update(evaluate_network(model, eval_loader, autocast, topo, thresholds))
             if record["test_acc"] > best:
                 best = record["test_acc"]
-                checkpoint.atomic_save({"format": checkpoint.FORMAT, "network": topo.network, "epoch": epoch,
-                                        "setup": cfg.setup(networks), "test_acc": best,
-                                        "model": model.state_dict()},
-                                       checkpoint.network_dir(run_dir, topo.network) / "best.pt")
+                checkpoint.save_best(run_dir, topo.network, epoch, best, cfg.setup(networks), model.state_dict())
         if grafting and epoch < cfg.epochs - 1:
             g = cfg.grafting
             new_state, result = ring.graft_step(topo, model.state_dict(), plan, epoch=epoch, level=g.level,
@@ -231,7 +231,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
                 record["entropy_table"] = result.table.tolist()
         else:
             record.update({"peer": None, "graft_seconds": 0.0, "graft_bytes": 0})
-        if topo.replica == 0:
+        if topo.is_leader:  # the resume point: grafted weights, ready for the next epoch
             checkpoint.save_epoch(run_dir, topo.network, epoch, {
                 "setup": cfg.setup(networks), "best_acc": best, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
