@@ -478,19 +478,6 @@ class EpochLoader(DataLoader):
             self.sampler.set_epoch(epoch)
 
 
-class _Sharded(torch.utils.data.Sampler):
-    """Every ``group``-th index from ``rank`` on, in order: a disjoint, unpadded eval share."""
-
-    def __init__(self, n: int, rank: int, group: int):
-        self.indices = range(rank, n, group)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_in_group: int = 0,
                          group_size: int = 1) -> tuple[DataLoader, DataLoader, int]:
     """(train_loader, eval_loader, num_classes) for an ImageFolder tree too big for memory.
@@ -501,7 +488,7 @@ def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_
     calls ``train_loader.sampler.set_epoch``). Batches are CPU tensors (pinned on CUDA hosts).
     Unlike ``InMemoryLoader``, only the order is exact on resume: the workers' augmentation
     RNG is seeded once per worker start, not per epoch.
-    The eval loader gives each replica a disjoint, unpadded strided share, in order.
+    The eval loader yields the whole eval split, in order, on every replica.
     Subsets and the validation hold-out follow the same rules as ``load_arrays``.
     """
     import torchvision
@@ -557,6 +544,7 @@ def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_
                                  shuffle=True, seed=seed, drop_last=True)
     train_loader = EpochLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=True,
                                generator=torch.Generator().manual_seed(seed), **common)
-    eval_loader = EpochLoader(eval_ds, batch_size=batch_size,
-                              sampler=_Sharded(len(eval_ds), rank_in_group, group_size), **common)
+    # Every network evaluates the whole eval split on its leader rank (see graft.train), so the
+    # eval loader is not sharded across replicas.
+    eval_loader = EpochLoader(eval_ds, batch_size=batch_size, shuffle=False, **common)
     return train_loader, eval_loader, num_classes

@@ -322,5 +322,5 @@ def test_build_folder_loaders(tmp_path):
     cfg.val_fraction, cfg.eval_split = 0.5, "val"
     shares = [build_folder_loaders(cfg, 2, seed=0, rank_in_group=r, group_size=2) for r in range(2)]
     assert len(shares[0][0].dataset) == 6  # 3 of 6 per class held out
-    assert [len(list(s[1].sampler)) for s in shares] == [3, 3]
+    assert [len(s[1].dataset) for s in shares] == [6, 6]  # every replica evaluates the whole split
     assert [len(s[0].sampler) for s in shares] == [3, 3]

@@ -101,3 +101,16 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path):
     assert "graft: error: command line: grafting.A: must be in [0, 1]; got 3.0" in proc.stderr
     assert "Traceback" not in proc.stderr.split("graft: error")[0][-2000:]
     assert not out.exists()
+
+
+def test_folder_data_through_dataloader_workers(tmp_path):
+    import tarfile
+
+    root = tmp_path / "folder"
+    with tarfile.open(FIXTURE) as tar:
+        tar.extractall(root, filter="data")
+    proc, out = train(tmp_path, 1, "epochs=1", "data.name=imagefolder", f"data.root={root}",
+                      "data.in_memory=false", "data.workers=1", "data.image_size=32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = records(out)
+    assert rec["test_acc"] >= 0 and rec["images_per_sec"] > 0
