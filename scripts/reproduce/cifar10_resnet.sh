@@ -2,8 +2,7 @@
 # CIFAR-10, ResNet-32/56/110: baseline vs filter grafting (the paper's CIFAR comparison of
 # baseline and grafted networks; see the paper for the table number). Paper, CIFAR-10 top-1 %:
 #   ResNet-32   baseline 92.83   grafted 93.94
-#   ResNet-56   baseline 93.50   grafted 94.73
-#   ResNet-110  baseline 93.81   grafted 94.96
+#   ResNet-56, ResNet-110: see the paper (figures not quoted here until checked)
 # Each config runs NETWORKS (default 2) networks; the baseline trains as many independent ones,
 # so summary.json's mean compares like with like. VARIANTS picks the runs (default: all three).
 #   scripts/reproduce/cifar10_resnet.sh [key=value ...]
