@@ -128,8 +128,13 @@ def setup(replicas: int = 1, backend: str = "auto", device: str = "auto",
                     dev, timeout)
     if world == 1:
         return topo
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout),
-                            device_id=dev if backend == "nccl" else None)
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=timeout)))
+    # torchrun --max-restarts can hand a restarted group the store of the attempt before, whose
+    # stale keys deadlock gloo's connection setup now and then: give each attempt its own keys.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"graft/attempt{attempt}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout), device_id=dev if backend == "nccl" else None)
     if replicas > 1:
         # Every rank must take part in creating every group.
         for k in range(topo.networks):
@@ -161,9 +166,8 @@ def arrive(topo: Topology, tag: str, timeout: float | None = None) -> None:
     if not topo.distributed:
         return
     timeout = topo.timeout if timeout is None else timeout
-    store = dist.distributed_c10d._get_default_store()
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    key = f"graft/{attempt}/{tag}/".__add__
+    store = dist.distributed_c10d._get_default_store()  # already one key space per attempt
+    key = f"arrive/{tag}/".__add__
     store.set(key(str(topo.rank)), "1")
     keys = [key(str(r)) for r in range(topo.world)]
     try:
