@@ -3,6 +3,7 @@ its cost grows with N and model size. Every figure is the slowest rank's median 
 
     python benchmarks/bench_graft.py [--write]            # ours vs official, ResNet-56 and MobileNetV2, N = 2, 3
     python benchmarks/bench_graft.py --scaling [--write]  # ours, N = 2..4, ResNet-20..110
+    python benchmarks/bench_graft.py --hybrid [--write]   # ours, 2 networks x 1 or 2 replicas
 """
 
 import argparse
@@ -18,12 +19,13 @@ from common import write_section
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(model: str, n: int, repeat: int, polls: list[float], exchanges: list[str]) -> list[dict]:
+def measure(model: str, n: int, repeat: int, polls: list[float], exchanges: list[str],
+            replicas: int = 1) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                str(ROOT / "benchmarks" / "graft_worker.py"), model, tmp, str(repeat), str(out),
-               ",".join(map(str, polls)) or "", ",".join(exchanges)]
+               ",".join(map(str, polls)) or "", ",".join(exchanges), str(replicas)]
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
         subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return json.loads(out.read_text())
@@ -76,15 +78,35 @@ def scaling(args) -> str:
             + "\n".join(rows))
 
 
+def hybrid(args) -> str:
+    rows = ["| model | networks x replicas | graft step, slowest rank (ms) | slowest leader rank (ms) |",
+            "|---|---|---|---|"]
+    for model in ("resnet20", "resnet56"):
+        for n, g in ((2, 1), (2, 2)):
+            ranks = measure(model, n * g, args.repeat, [], ["ring"], replicas=g)
+            every = max(r["ours-ring"]["seconds"] for r in ranks)
+            leaders = max(r["ours-ring"]["seconds"] for r in ranks if r["ours-ring"]["leader"])
+            rows.append(f"| {model} | {n} x {g} | {every * 1e3:.1f} | {leaders * 1e3:.1f} |")
+            print(rows[-1], flush=True)
+    return ("## Graft step in hybrid mode (ours, gloo, CPU)\n\n"
+            "Hybrid mode: replica 0 of each network exchanges with the ring, then broadcasts the grafted "
+            "state inside its network (chosen so that replicas stay bit-identical: DDP replicas' BatchNorm "
+            "statistics drift apart within an epoch, so counterparts exchanging independently would graft "
+            "slightly different states). 4 processes share this machine's 2 cores.\n\n" + "\n".join(rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scaling", action="store_true")
+    parser.add_argument("--hybrid", action="store_true")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    body = scaling(args) if args.scaling else compare(args)
+    name, section = (("graft-scaling", scaling) if args.scaling else ("graft-hybrid", hybrid) if args.hybrid
+                     else ("graft-vs-official", compare))
+    body = section(args)
     if args.write:
-        write_section("graft-scaling" if args.scaling else "graft-vs-official", body)
+        write_section(name, body)
     else:
         print(body)
 

@@ -25,7 +25,8 @@ def main():
     model_name, folder, repeat, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     polls = [float(p) for p in sys.argv[5].split(",") if p]
     exchanges = sys.argv[6].split(",")
-    topo = ring.setup(1, "gloo", "cpu", timeout=600)
+    replicas = int(sys.argv[7]) if len(sys.argv) > 7 else 1
+    topo = ring.setup(replicas, "gloo", "cpu", timeout=600)
     torch.manual_seed(topo.network)
     state = build_model(model_name, 10).state_dict()
     plan = core.make_plan(state)
@@ -36,7 +37,8 @@ def main():
             dist.barrier()
             _, res = ring.graft_step(topo, state, plan, epoch=r, exchange=exchange)
             times.append(res.seconds)
-        results[f"ours-{exchange}"] = {"seconds": statistics.median(times[1:]), "bytes": res.bytes}
+        results[f"ours-{exchange}"] = {"seconds": statistics.median(times[1:]), "bytes": res.bytes,
+                                       "leader": topo.is_leader}
     for poll in polls:
         times = []
         reps = repeat if poll < 1 else 2
