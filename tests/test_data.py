@@ -1,7 +1,6 @@
 """Data loading on the real CIFAR-10 sample fixture, and the in-memory loader's guarantees."""
 
 import io
-import os
 import tarfile
 from pathlib import Path
 

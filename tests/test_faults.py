@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from graft import checkpoint
-from helpers import ROOT, env, torchrun
+from helpers import ROOT, env
 
 ARGS = ["model=resnet8", "epochs=3", "batch_size=50", "data.train_subset=200", "data.test_subset=100",
         "progress=false", "optim.schedule=cosine"]
