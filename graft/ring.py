@@ -302,9 +302,7 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *
         flat = FlatState.from_state(new_state)
         for buf in flat.buffers.values():
             dist.broadcast(buf, topo.leader_rank(topo.network), group=topo.network_group)
-        new_state = flat.to_state()
-        if not topo.is_leader:
-            new_state = {k: v.clone() for k, v in new_state.items()}
+        new_state = flat.to_state()  # views of the fresh broadcast buffers
     result = GraftResult(topo.peer, time.perf_counter() - start, received, table, plan.layers, report)
     return new_state, result
 
