@@ -97,16 +97,16 @@ def load(path: str | Path, map_location="cpu") -> dict:
     return obj
 
 
-def newest_complete(run_dir: str | Path, network: int) -> tuple[int, list[str]]:
-    """The newest epoch whose checkpoint for ``network`` loads; also the files skipped and why."""
+def newest_complete(run_dir: str | Path, network: int) -> tuple[int, dict | None, list[str]]:
+    """The newest epoch whose checkpoint for ``network`` loads, that checkpoint (on the CPU), and
+    the files skipped and why. (-1, None, skipped) when none loads."""
     skipped = []
     for epoch, path in reversed(epoch_files(run_dir, network)):
         try:
-            load(path)
-            return epoch, skipped
+            return epoch, load(path), skipped
         except CheckpointError as e:
             skipped.append(str(e))
-    return -1, skipped
+    return -1, None, skipped
 
 
 def capture_rng(device: torch.device) -> dict:

@@ -239,8 +239,6 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
             })
         record["epoch_seconds"] = time.perf_counter() - epoch_start
         records = ring.all_gather_objects(topo, record) if topo.is_leader else None
-        if topo.replicas > 1:
-            ring.arrive(topo, f"epoch {epoch} logged")
         if metrics is not None:
             metrics.write(records)
             tensorboard.write(records)
@@ -274,12 +272,12 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
     (and named); the networks agree on the epoch with one collective.
     """
     run_dir = Path(cfg.output_dir)
-    newest, skipped = checkpoint.newest_complete(run_dir, topo.network)
+    newest, saved, skipped = checkpoint.newest_complete(run_dir, topo.network)
     for reason in skipped:
         log(f"rank {topo.rank}: skipping damaged checkpoint: {reason}")
-    if newest >= 0:  # a foreign setup is named before the networks try to agree
+    if saved is not None:  # a foreign setup is named before the networks try to agree
         path = checkpoint.epoch_path(run_dir, topo.network, newest)
-        checkpoint.check_setup(path, checkpoint.load(path).get("setup"), cfg.setup(topo.networks))
+        checkpoint.check_setup(path, saved.get("setup"), cfg.setup(topo.networks))
     everyone = ring.all_gather_objects(topo, newest, leaders_only=False)
     agreed = min(everyone)
     if agreed < 0:
@@ -293,7 +291,9 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
     if not path.exists():
         raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
                                          "network completed; cannot resume consistently")
-    state = checkpoint.load(path, map_location=topo.device)
+    # On the CPU: load_state_dict moves tensors to the model's device, and the RNG states must
+    # stay CPU tensors for torch.set_rng_state.
+    state = saved if agreed == newest else checkpoint.load(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

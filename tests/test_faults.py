@@ -110,7 +110,7 @@ def test_sigterm_stops_quickly_and_keeps_the_checkpoint(tmp_path):
     assert seconds < 30
     assert "received SIGTERM" in stderr
     for k in (0, 1):
-        newest, skipped = checkpoint.newest_complete(out, k)
+        newest, _, skipped = checkpoint.newest_complete(out, k)
         assert newest >= 0 and not skipped
 
 
