@@ -114,3 +114,12 @@ def test_folder_data_through_dataloader_workers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rec,) = records(out)
     assert rec["test_acc"] >= 0 and rec["images_per_sec"] > 0
+
+
+def test_hybrid_mode_trains_two_networks_of_two_replicas(tmp_path):
+    proc, out = train(tmp_path, 4, "data_parallel=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "topology: 2 network(s) x 2 replica(s) = world 4" in proc.stdout
+    recs = records(out)
+    assert sorted((r["epoch"], r["network"]) for r in recs) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["graft_bytes"] > 0 for r in recs if r["epoch"] == 0)
