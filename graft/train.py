@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint, core, distill, ring
-from .config import Config, ConfigError, load_config, save_config
+from .config import Config, ConfigError, dump_config, load_config, save_config
 from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
 from .models import build_model
 from .report import MetricsLog, Progress, TensorBoardLog, epoch_table, summarize
@@ -311,6 +311,8 @@ def parse_args(argv=None):
         prog="graft-train", description=__doc__.splitlines()[0],
         epilog="Overrides use dotted keys, e.g. optim.lr=0.05 grafting.enabled=false epochs=2")
     parser.add_argument("--config", "-c", help="YAML config file (defaults: configs/quickstart.yaml values)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides, validated) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     return parser.parse_args(argv)
 
@@ -320,6 +322,9 @@ def main(argv=None) -> int:
     topo = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
         topo = ring.setup(cfg.data_parallel, cfg.backend, cfg.device, cfg.timeout)
         _install_signal_handlers()
         run(cfg, topo)

@@ -65,3 +65,14 @@ def test_every_shipped_config_loads():
     assert paths, "configs/ is empty"
     for path in paths:
         load_config(path)
+
+
+def test_print_config_round_trips_and_starts_nothing(tmp_path, capsys):
+    from graft.train import main
+
+    path = ROOT / "configs" / "cifar10" / "resnet32_graft_difflr.yaml"
+    assert main(["--print-config", "--config", str(path), "epochs=3", "grafting.level=filter"]) == 0
+    printed = write(tmp_path, capsys.readouterr().out, "printed.yaml")
+    assert load_config(printed) == load_config(path, ["epochs=3", "grafting.level=filter"])
+    assert main(["--print-config", "optim.lrr=1"]) == 1
+    assert "unknown key 'optim.lrr'" in capsys.readouterr().err
