@@ -12,10 +12,13 @@ Two modes:
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -63,7 +66,7 @@ def _rows_entropy(rows: Tensor, segment: Tensor, lengths: Tensor, bins: int,
     width = hi - lo
     # A constant segment has width 0: every value falls into bin 0 and the entropy is 0.
     scale = bins / torch.where(width > 0, width, torch.ones_like(width))
-    position = torch.addcmul((-lo * scale)[segment, None], rows, scale[segment, None])
+    position = torch.sub(rows, lo[segment, None]).mul_(scale[segment, None])
     index = position.to(torch.int32).clamp_(0, bins - 1)  # the maximum lands in the top bin
     index += (segment.to(torch.int32) * bins)[:, None]
     counts = torch.bincount(index.view(-1), minlength=n * bins)
@@ -71,7 +74,7 @@ def _rows_entropy(rows: Tensor, segment: Tensor, lengths: Tensor, bins: int,
         first_row = torch.searchsorted(segment, torch.arange(n, device=segment.device))
         counts.index_add_(0, index[first_row, 0].long(), -padding)
     p = counts.view(n, bins).to(rows.dtype) / lengths.to(rows.dtype).unsqueeze(1)
-    return -torch.xlogy(p, p).sum(1)
+    return 0.0 - torch.xlogy(p, p).sum(1)  # 0 - 0 is +0: a constant prints as 0, not -0
 
 
 def _as_float(t: Tensor) -> Tensor:
@@ -84,6 +87,8 @@ def filter_entropy(tensor: Tensor, bins: int = 10) -> Tensor:
     _check_bins(bins)
     rows = _as_float(tensor).reshape(tensor.shape[0], -1)
     f, k = rows.shape
+    if k == 0:  # no values: entropy 0, like a constant
+        return torch.zeros(f, dtype=rows.dtype, device=rows.device)
     segment = torch.arange(f, device=rows.device)
     return _rows_entropy(rows, segment, torch.full((f,), k, device=rows.device), bins)
 
@@ -92,7 +97,7 @@ def weight_entropy(tensor: Tensor, bins: int = 10) -> Tensor:
     """Shannon entropy (natural log) of the histogram of all values of ``tensor``.
 
     ``bins`` equal-width bins span [min, max]; every value is counted, the maximum in the top
-    bin. A constant tensor has entropy 0. Returns a 0-dim tensor on the tensor's device.
+    bin. A constant (or empty) tensor has entropy 0. Returns a 0-dim tensor on the tensor's device.
     """
     return filter_entropy(tensor.reshape(1, -1), bins)[0]
 
@@ -104,10 +109,14 @@ def weight_entropies(tensors: Sequence[Tensor], bins: int = 10, row: int = 1024)
     own first value, so that per-tensor min, max and bin positions broadcast per row.
     """
     _check_bins(bins)
-    if len(tensors) == 0:
-        return torch.zeros(0, dtype=torch.float64)
     flat = [_as_float(t).reshape(-1) for t in tensors]
     dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
+    if not (flat and all(f.numel() for f in flat)):  # an empty tensor has entropy 0 and no rows
+        out = torch.zeros(len(flat), dtype=dtype, device=flat[0].device if flat else None)
+        kept = [i for i, f in enumerate(flat) if f.numel()]
+        if kept:
+            out[kept] = weight_entropies([flat[i] for i in kept], bins, row).to(dtype)
+        return out
     row = max(1, min(row, max(f.numel() for f in flat)))
     pieces, rows_per, pads = [], [], []
     for f in flat:
@@ -127,21 +136,25 @@ def reference_entropy(tensor: Tensor, bins: int = 10) -> float:
     """The official code's entropy: bins [min + i*s, min + (i+1)*s) with s = (max - min)/bins.
 
     The top bin's upper bound is strict, so the maximum value (and anything rounding onto the
-    top edge) is never counted; probabilities are divided by the full element count. Computed in
-    one vectorized pass with the same float32 edges as the official loop. The official code
-    crashes on a constant tensor; here it has entropy 0.
+    top edge) is never counted; probabilities are divided by the full element count. The counts
+    come from one vectorized pass with the same float32 edges as the official loop; the terms
+    are then subtracted one by one in float32, as the official loop does, because c = 500 turns
+    a last-bit difference in the entropy into a different rounded alpha now and then. The
+    official code crashes on a constant tensor; here it has entropy 0.
     """
     _check_bins(bins)
     x = tensor.detach().reshape(-1)
+    if x.numel() == 0:
+        return 0.0
     lo, hi = x.min(), x.max()
     scale = (hi - lo) / bins
     edges = lo + torch.arange(bins + 1, device=x.device, dtype=x.dtype) * scale
     # bucketize(right=True) returns j with edges[j-1] <= x < edges[j]; bin j-1 is [e_{j-1}, e_j).
     slot = torch.bucketize(x, edges, right=True)
-    counts = torch.bincount(slot, minlength=bins + 2)[1:bins + 1]
-    p = counts.to(torch.float32) / len(x)
-    terms = torch.xlogy(p, p)
-    return float(-terms.sum())
+    counts = torch.bincount(slot, minlength=bins + 2)[1:bins + 1].cpu()
+    p = counts[counts > 0].to(torch.float32) / len(x)
+    terms = (p * torch.log(p)).numpy()
+    return float(functools.reduce(operator.sub, terms, np.float32(0)))
 
 
 def _check_bins(bins: int) -> None:
@@ -157,7 +170,10 @@ def _check_bins(bins: int) -> None:
 def _graft_offset(h_self, h_peer, A: float, c: float):
     """alpha - 0.5. Kept separate so that alpha(a, b) and alpha(b, a) blend bit-identically."""
     if isinstance(h_self, Tensor) or isinstance(h_peer, Tensor):
-        return A / math.pi * torch.atan(c * (torch.as_tensor(h_self) - torch.as_tensor(h_peer)))
+        # A Python float as float64, so that it does not round a float64 tensor's difference.
+        h_self, h_peer = (h if isinstance(h, Tensor) else torch.tensor(h, dtype=torch.float64)
+                          for h in (h_self, h_peer))
+        return A / math.pi * torch.atan(c * (h_self - h_peer))
     return A / math.pi * math.atan(c * (h_self - h_peer))
 
 
@@ -171,8 +187,9 @@ def adaptive_weight(h_self, h_peer, A: float = 0.4, c: float = 500):
 
 
 def _reference_alpha(h_self: float, h_peer: float, A: float, c: float) -> float:
-    """The official code's alpha: rounded to two decimals."""
-    return round(A / math.pi * math.atan(c * (h_self - h_peer)) + 0.5, 2)
+    """The official code's alpha, rounded to two decimals as it is there: numpy's round of a
+    numpy float64 (which differs from Python's round on some halves, e.g. 0.385)."""
+    return float(round(A / np.pi * np.arctan(c * (h_self - h_peer)) + 0.5, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +213,11 @@ class GraftPlan:
     # Filter level: conv weight key -> the BatchNorm prefix after it, and the BN's next conv.
     bn_after: dict[str, str] = field(default_factory=dict)
     next_conv: dict[str, str] = field(default_factory=dict)
+
+    def convs_without_bn(self, state: Mapping[str, Tensor]) -> list[str]:
+        """Filter level: the conv layers with no BatchNorm gamma after them (they blend with
+        their layer alpha instead of per-filter weights)."""
+        return [k for k in self.layers if state[k].dim() > 2 and k not in self.bn_after]
 
 
 def _prefix(key: str) -> str:
@@ -242,8 +264,8 @@ def make_plan(state: Mapping[str, Tensor], compat: str = "default") -> GraftPlan
                 bn_leader[prefix] = last_weight if paired else key
                 if not paired:  # no conv feeds it: the BN's first tensor defines a layer
                     layers.append(key)
-                elif state[last_weight].dim() > 2:
-                    bn_after.setdefault(last_weight, prefix)
+                elif state[last_weight].dim() > 2 and f"{prefix}.weight" in state:
+                    bn_after.setdefault(last_weight, prefix)  # filter level weighs by its gamma
                 pending_bn.append(prefix)
             follows[key] = bn_leader[prefix]
         elif t.dim() >= 2 and key.endswith("weight"):
@@ -349,9 +371,14 @@ def plan_entropies(state: Mapping[str, Tensor], plan: GraftPlan, bins: int = 10)
     return weight_entropies(tensors, bins).to(torch.float64)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def _blend(own: Tensor, peer: Tensor, offset) -> Tensor:
     """alpha * own + (1 - alpha) * peer with alpha = 0.5 + offset, written so that blending a
     tensor with itself is exact and the two sides of a 2-network ring get identical results."""
+    if own.dtype in _LOW_PRECISION:  # own + peer can overflow the dtype where the blend does not
+        return _blend(own.double(), peer.double(), offset).to(own.dtype)
     if isinstance(offset, Tensor):
         offset = offset.to(own.dtype)
     return 0.5 * (own + peer) + offset * (own - peer)
@@ -407,7 +434,7 @@ def _filter_offsets(own, peer, plan: GraftPlan, report: GraftReport) -> dict[str
     out_off = {key: channel[plan.bn_after[leader]]
                for key, leader in plan.follows.items() if leader in plan.bn_after}
     in_off = {conv: channel[bn] for bn, conv in plan.next_conv.items() if bn in channel}
-    report.fallbacks.extend(k for k in plan.layers if own[k].dim() > 2 and k not in plan.bn_after)
+    report.fallbacks.extend(plan.convs_without_bn(own))
     by_layer = {r.layer: r for r in report.layers}
     for conv, bn in plan.bn_after.items():
         by_layer[conv].alpha = float(0.5 + channel[bn].mean())
@@ -421,6 +448,8 @@ def _blend_filters(own: Tensor, peer: Tensor, out_off, in_off, layer_off) -> Ten
     official code's two successive blends (input channels, then output filters) amount to. A
     conv with no BN after it uses its layer alpha for the output side.
     """
+    if own.dtype in _LOW_PRECISION:
+        return _blend_filters(own.double(), peer.double(), out_off, in_off, layer_off).to(own.dtype)
     def column(off: Tensor, dim: int) -> Tensor:
         shape = [1] * own.dim()
         shape[dim] = -1

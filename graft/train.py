@@ -190,6 +190,11 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         log(f"distillation: {len(teachers)} teacher(s){', mutual' if cfg.distill.mutual else ''}, "
             f"tau {cfg.distill.tau:g}, weight {cfg.distill.weight:g}")
     plan = core.make_plan(model.state_dict(), cfg.grafting.compat)
+    if grafting and cfg.grafting.level == "filter" and topo.rank == 0:
+        alone = plan.convs_without_bn(model.state_dict())
+        if alone:
+            log(f"filter level: {len(alone)} conv(s) with no BatchNorm after them blend with their layer "
+                f"alpha: {', '.join(alone)}")
     metrics = MetricsLog(run_dir / "metrics.jsonl") if topo.rank == 0 else None
     start_epoch, best = 0, -1.0
     if cfg.resume == "auto":

@@ -1,10 +1,14 @@
 """The grafting math, checked against its definitions and against plain re-statements."""
 
 import math
+import operator
 
+import numpy as np
 import pytest
 import torch
+import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -45,6 +49,16 @@ def official_entropy(x: torch.Tensor, n: int = 10) -> float:
     return float(entropy)
 
 
+def seeded_model(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, 10)
+
+
+def official_alpha(h_self: float, h_peer: float, A: float = 0.4, c: float = 500) -> float:
+    """grafting_cifar/grafting.py's alpha, restated: numpy's arctan, and round() of a numpy float."""
+    return round(A / np.pi * np.arctan(c * (h_self - h_peer)) + 0.5, 2)
+
+
 # ------------------------------------------------------------------------------ entropy
 
 @FAST
@@ -68,8 +82,12 @@ def test_entropy_is_log_bins_for_values_spread_evenly(bins):
     assert weight_entropy(even, bins).item() == pytest.approx(math.log(bins), abs=1e-6)
 
 
-def test_entropy_of_constant_is_zero():
-    assert weight_entropy(torch.full((3, 3), 0.7)).item() == 0.0
+def test_entropy_of_constant_or_empty_is_zero():
+    assert str(weight_entropy(torch.full((3, 3), 0.7)).item()) == "0.0"  # +0, not -0
+    assert weight_entropy(torch.empty(0)).item() == 0.0
+    assert weight_entropies([torch.empty(0), torch.ones(3), torch.empty(2, 0)]).tolist() == [0.0] * 3
+    mixed = weight_entropies([torch.tensor([0.0, 1.0]), torch.empty(0)], 2)
+    assert mixed.tolist() == [pytest.approx(math.log(2)), 0.0]
     assert reference_entropy(torch.full((3, 3), 0.7)) == 0.0
     assert filter_entropy(torch.ones(4, 2, 3, 3)).tolist() == [0.0] * 4
 
@@ -102,7 +120,16 @@ def test_entropy_rejects_bad_bins():
 @given(st.integers(0, 10_000))
 def test_reference_entropy_matches_official_loop(seed):
     x = random_tensor(seed)
-    assert reference_entropy(x) == pytest.approx(official_entropy(x), abs=2e-6)
+    assert reference_entropy(x) == official_entropy(x)  # bit for bit: c = 500 magnifies any difference
+
+
+def test_reference_alpha_matches_official_where_a_last_bit_matters():
+    # Two MobileNetV2 layers whose official entropies differ by 2.4e-4: a vector sum of the ten
+    # terms (instead of the official one-by-one subtraction) moved the rounded alpha 0.48 -> 0.49.
+    key = "layers.10.conv2.weight"
+    a, b = (seeded_model("mobilenetv2", s).state_dict()[key] for s in (1, 101))
+    _, report = graft_state_dict({key: a}, {key: b}, compat="reference")
+    assert report.layers[0].alpha == official_alpha(official_entropy(a), official_entropy(b))
 
 
 # ------------------------------------------------------------------------------ alpha
@@ -114,6 +141,11 @@ def test_alpha_properties(a, b, A, c):
     assert 0.5 - A / 2 <= alpha <= 0.5 + A / 2
     assert adaptive_weight(a, a, A, c) == 0.5
     assert alpha + adaptive_weight(b, a, A, c) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_alpha_keeps_float64_precision_next_to_a_python_float():
+    alpha = adaptive_weight(torch.tensor(1.0, dtype=torch.float64), 1 + 1e-9)
+    assert alpha.item() == pytest.approx(adaptive_weight(1.0, 1 + 1e-9), abs=1e-15) and alpha.item() < 0.5
 
 
 def test_alpha_on_tensors_matches_floats():
@@ -193,7 +225,7 @@ def test_reference_mode_matches_official_restatement():
     expected, w = {}, None
     for key, u in a.items():  # the official loop, restated
         if "conv" in key:
-            w = round(A / math.pi * math.atan(c * (official_entropy(u) - official_entropy(b[key]))) + 0.5, 2)
+            w = official_alpha(official_entropy(u), official_entropy(b[key]), A, c)
         expected[key] = (u * w + b[key] * (1 - w)).to(u.dtype)
     new, report = graft_state_dict(a, b, A=A, c=c, compat="reference")
     for key in a:
@@ -236,6 +268,26 @@ def test_filter_level_blends_exactly_the_right_channels():
     torch.testing.assert_close(new["conv2.weight"], keep * a["conv2.weight"] + (1 - keep) * b["conv2.weight"])
 
 
+def test_filter_level_with_a_bn_without_affine_parameters():
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 3, 1))  # noqa: E731
+    a, b = make().state_dict(), make().state_dict()
+    new, report = graft_state_dict(a, b, level="filter")
+    assert report.fallbacks == ["0.weight", "2.weight"]  # no gamma to weigh filters by
+    r = {r.layer: r for r in report.layers}["0.weight"]
+    alpha = adaptive_weight(r.entropy_self, r.entropy_peer)
+    for key in ("0.weight", "1.running_mean"):  # the BN's statistics follow the conv's alpha
+        torch.testing.assert_close(new[key], alpha * a[key] + (1 - alpha) * b[key])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_blend_does_not_overflow(dtype):
+    big = torch.finfo(dtype).max / 1.5  # own + peer would overflow in the dtype itself
+    a = {"conv.weight": torch.full((2, 2, 1, 1), big, dtype=dtype)}
+    new, _ = graft_state_dict(a, {"conv.weight": a["conv.weight"].clone()})
+    assert new["conv.weight"].dtype == dtype and torch.equal(new["conv.weight"], a["conv.weight"])
+
+
 def test_plan_pairs_bn_with_the_conv_before_it():
     plan = make_plan(build_model("mobilenetv2", 10).state_dict())
     assert plan.follows["layers.1.shortcut.1.running_var"] == "layers.1.shortcut.0.weight"
@@ -252,6 +304,50 @@ def test_plan_of_preactivation_wrn_pairs_by_channels():
     assert plan.follows["blocks.0.bn1.weight"] == "conv1.weight"
     assert plan.follows["blocks.0.bn2.weight"] == "blocks.0.conv1.weight"
 
+
+
+# Ops after which channel j is still channel j (the BN's output reaches the next conv through them).
+CHANNEL_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity, nn.Dropout)
+CHANNEL_PRESERVING_FUNCTIONS = (operator.add, torch.add, F.relu, torch.relu, F.leaky_relu, F.relu6)
+
+
+def data_flow(model: nn.Module):
+    """From a torch.fx trace: BN -> the module feeding it, and BN -> the convs reading its channels."""
+    graph = torch.fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+
+    def module(node):
+        return modules[node.target] if node.op == "call_module" else None
+
+    def readers(node):
+        for user in node.users:
+            m = module(user)
+            if isinstance(m, nn.Conv2d):
+                yield user.target
+            elif isinstance(m, CHANNEL_PRESERVING_MODULES) or user.target in CHANNEL_PRESERVING_FUNCTIONS:
+                yield from readers(user)
+
+    fed_by, read_by = {}, {}
+    for node in graph.nodes:
+        if isinstance(module(node), nn.BatchNorm2d):
+            source = module(node.args[0])
+            fed_by[node.target] = node.args[0].target if isinstance(source, (nn.Conv2d, nn.Linear)) else None
+            read_by[node.target] = set(readers(node))
+    return fed_by, read_by
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20_leaky", "mobilenetv2", "vgg16_bn", "wrn16_2",
+                                  "tv:resnet18", "tv:mobilenet_v2"])
+def test_plan_agrees_with_the_traced_data_flow(name):
+    model = build_model(name, 10)
+    plan = make_plan(model.state_dict())
+    fed_by, read_by = data_flow(model)
+    for bn, conv in fed_by.items():
+        if conv is not None:  # a BN fed by a conv takes that conv's alpha
+            assert plan.follows[f"{bn}.weight"] == f"{conv}.weight", bn
+        # filter level: a BN's channel alphas go to a conv that really reads those channels
+        if bn in plan.next_conv:
+            assert plan.next_conv[bn][:-len(".weight")] in read_by[bn], bn
 
 # ------------------------------------------------------------------------------ bad input
 
