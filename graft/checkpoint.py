@@ -47,6 +47,7 @@ def atomic_save(obj, path: str | Path) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a checkpoint is shared like any file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -61,12 +62,23 @@ def atomic_save(obj, path: str | Path) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_epoch(run_dir: str | Path, network: int, epoch: int, payload: dict, keep: int = 2) -> Path:
-    """Save network ``network``'s resume point after ``epoch``; prune all but the last ``keep``."""
+    """Save network ``network``'s resume point after ``epoch``; of the epochs before it keep the
+    newest ``keep - 1`` (files of later epochs, left by a run that resumed earlier, are replaced
+    as training reaches them). Temporary files of a save that was killed are removed."""
     path = epoch_path(run_dir, network, epoch)
     atomic_save({"format": FORMAT, "network": network, "epoch": epoch, **payload}, path)
-    for old in sorted(epoch_files(run_dir, network))[:-keep]:
-        old[1].unlink(missing_ok=True)
+    older = [p for e, p in epoch_files(run_dir, network) if e < epoch]
+    for old in older[:len(older) - (keep - 1)]:
+        old.unlink(missing_ok=True)
+    for partial in path.parent.glob(".*.pt.*.tmp"):  # this process is the directory's only writer
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -76,6 +88,23 @@ def save_best(run_dir: str | Path, network: int, epoch: int, test_acc: float, se
     atomic_save({"format": FORMAT, "network": network, "epoch": epoch, "test_acc": test_acc, "setup": setup,
                  "model": model}, path)
     return path
+
+
+def set_aside_best_after(run_dir: str | Path, network: int, epoch: int) -> Path | None:
+    """A resume trains the epochs after ``epoch`` again: a best.pt saved by one of them (before a
+    crash stopped the others) is renamed out of the way, not deleted. Returns its new path."""
+    path = network_dir(run_dir, network) / "best.pt"
+    if not path.exists():
+        return None
+    try:
+        saved = load(path)["epoch"]
+    except CheckpointError:
+        saved = epoch + 1  # unreadable: set aside too, a new best replaces it
+    if saved <= epoch:
+        return None
+    stale = path.with_name(f"best.epoch{saved:04d}.stale.pt")
+    os.replace(path, stale)
+    return stale
 
 
 def epoch_files(run_dir: str | Path, network: int) -> list[tuple[int, Path]]:
@@ -99,28 +128,35 @@ def load(path: str | Path, map_location="cpu") -> dict:
 
 def newest_complete(run_dir: str | Path, network: int) -> tuple[int, dict | None, list[str]]:
     """The newest epoch whose checkpoint for ``network`` loads, that checkpoint (on the CPU), and
-    the files skipped and why. (-1, None, skipped) when none loads."""
+    the files skipped and why. (-1, None, []) when there are none; CheckpointError when there are
+    some but none loads (starting over would overwrite best.pt and the metrics of that run)."""
     skipped = []
-    for epoch, path in reversed(epoch_files(run_dir, network)):
+    files = epoch_files(run_dir, network)
+    for epoch, path in reversed(files):
         try:
             return epoch, load(path), skipped
         except CheckpointError as e:
             skipped.append(str(e))
+    if files:
+        raise CheckpointError(
+            f"{network_dir(run_dir, network)}: none of the {len(files)} epoch checkpoint(s) loads "
+            f"({'; '.join(skipped)}); nothing was changed. Move them away to start this run over, or "
+            "use resume=never to start afresh in a new directory")
     return -1, None, skipped
 
 
 def capture_rng(device: torch.device) -> dict:
     """Every RNG the loop may draw from (the data order is a pure function of seed and epoch)."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is not None:  # this process's GPU, whichever index it has now
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def check_setup(path: Path, saved: dict | None, current: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,11 +95,27 @@ class Config:
         return dataclasses.asdict(self)
 
     def setup(self, networks: int) -> dict:
-        """What a checkpoint must agree with to be resumed (epochs, lr, ... may change)."""
-        return {"model": self.model, "num_classes": self.num_classes, "networks": networks,
-                "data_parallel": self.data_parallel, "seed": self.seed, "data.name": self.data.name,
-                "grafting.enabled": self.grafting.enabled, "grafting.level": self.grafting.level,
-                "grafting.compat": self.grafting.compat}
+        """What a checkpoint must agree with to be resumed: every setting that shapes the
+        training, flattened to dotted keys. Only RUNTIME settings (where and how fast it runs),
+        and ``epochs`` (a run can be extended), may change between a run and its resume."""
+        flat = _flatten(self.to_dict())
+        return {"networks": networks, **{k: v for k, v in flat.items() if k not in RUNTIME}}
+
+
+# Settings that do not change what is trained: free to differ when a run is resumed.
+RUNTIME = {"epochs", "eval_batch_size", "output_dir", "resume", "backend", "device", "timeout", "amp",
+           "channels_last", "compile", "progress", "invalid_thresholds", "data.root", "data.download",
+           "data.workers", "data.cache_dir", "data.in_memory", "grafting.exchange"}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 CHOICES = {
@@ -185,24 +202,33 @@ def _get(cfg: Config, dotted: str):
     return obj
 
 
-def validate(cfg: Config, source: str = "config") -> Config:
+def validate(cfg: Config, source: str = "config", overridden: typing.Collection[str] = ()) -> Config:
+    """Check values and combinations; an error names the key and where its value came from
+    (``source``, or the command line for a key in ``overridden``)."""
+    def fail(key: str, message: str):
+        where = "command line" if key in overridden else source
+        raise ConfigError(f"{where}: {key}: {message}")
+
     for key, choices in CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{source}: {key}: must be one of {', '.join(choices)}; got {value!r}")
+            fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
     for key, (low, high) in RANGES.items():
         value = _get(cfg, key)
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ConfigError(f"{source}: {key}: must be {bounds}; got {value!r}")
+            fail(key, f"must be {bounds}; got {value!r}")
     if any(t <= 0 for t in cfg.invalid_thresholds):
-        raise ConfigError(f"{source}: invalid_thresholds: must be positive; got {cfg.invalid_thresholds}")
+        fail("invalid_thresholds", f"must be positive; got {cfg.invalid_thresholds}")
+    problem = check_model_name(cfg.model)
+    if problem:
+        fail("model", problem)
     if cfg.grafting.compat == "reference" and cfg.grafting.level != "layer":
-        raise ConfigError(f"{source}: grafting.compat: 'reference' supports grafting.level=layer only")
+        fail("grafting.compat", "'reference' supports grafting.level=layer only")
     if cfg.distill.mutual and cfg.data_parallel != 1:
-        raise ConfigError(f"{source}: distill.mutual: needs data_parallel=1 (every network must see the same batches)")
+        fail("distill.mutual", "needs data_parallel=1 (every network must see the same batches)")
     if cfg.data.eval_split == "val" and cfg.data.val_fraction <= 0:
-        raise ConfigError(f"{source}: data.eval_split: 'val' needs data.val_fraction > 0")
+        fail("data.eval_split", "'val' needs data.val_fraction > 0")
     return cfg
 
 
@@ -228,8 +254,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             text = Path(path).read_text()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file; expected a YAML config") from None
         try:
-            values = yaml.safe_load(text) or {}
+            values = yaml.load(text, _UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -238,7 +266,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     cfg = _build(Config, values, source)
-    validate(cfg, source)
+    overridden = set()
     for text in overrides:
         parts, value = parse_override(text)
         merged = cfg.to_dict()
@@ -254,7 +282,30 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                    "".join(p + "." for p in parts[:-1]))
         node[parts[-1]] = value
         cfg = _build(Config, merged, "command line")
-    return validate(cfg, "command line" if overrides else source)
+        overridden.add(".".join(parts))
+    return validate(cfg, source, overridden)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (the
+    plain loader keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def check_model_name(name: str) -> str | None:
+    """None for a model graft can build, else what is wrong (with the closest name)."""
+    from .models import unknown_model_message
+
+    return unknown_model_message(name)
 
 
 def _section_class(parts: list[str]):
@@ -269,4 +320,9 @@ def dump_config(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(dump_config(cfg))
+    """Write atomically: a crash never leaves half a config.yaml."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, path)

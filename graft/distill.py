@@ -21,7 +21,8 @@ from . import checkpoint
 from .models import build_model
 
 
-def load_teachers(paths: list[str], device: torch.device, channels_last: bool) -> list[nn.Module]:
+def load_teachers(paths: list[str], device: torch.device, channels_last: bool,
+                  num_classes: int) -> list[nn.Module]:
     """Build each teacher from its graft checkpoint (best.pt or an epoch file), frozen, in eval mode."""
     teachers = []
     for path in paths:
@@ -32,7 +33,11 @@ def load_teachers(paths: list[str], device: torch.device, channels_last: bool) -
         setup = state.get("setup") or {}
         if "model" not in setup:
             raise checkpoint.CheckpointError(f"distill.teachers: {path} does not say which model it holds")
-        model = build_model(setup["model"], _num_classes(state["model"]))
+        classes = _num_classes(state["model"])
+        if classes != num_classes:
+            raise checkpoint.CheckpointError(f"distill.teachers: {path} predicts {classes} classes, the students "
+                                             f"{num_classes}: a teacher must be trained on the same data")
+        model = build_model(setup["model"], classes)
         model.load_state_dict(state["model"])
         model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         model.eval().requires_grad_(False)

@@ -92,6 +92,13 @@ class MetricsLog:
                 continue
         return records
 
+    def set_aside(self) -> Path:
+        """Rename the file out of the way (a run starting over); returns the new path."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"metrics.before-{stamp}.jsonl")
+        os.replace(self.path, aside)
+        return aside
+
     def truncate(self, after_epoch: int) -> None:
         keep = [r for r in self.read() if r["epoch"] <= after_epoch]
         tmp = self.path.with_suffix(".jsonl.tmp")

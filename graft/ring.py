@@ -103,9 +103,10 @@ def setup(replicas: int = 1, backend: str = "auto", device: str = "auto",
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank, local_world = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world)
     if world % replicas:
+        n = max(2, world // replicas)
         raise TopologyError(
-            f"world size {world} is not a multiple of data_parallel={replicas}: start "
-            f"networks x data_parallel processes (e.g. --nproc_per_node={replicas * max(1, world // replicas)})")
+            f"world size {world} is not a multiple of data_parallel={replicas}: start networks x data_parallel "
+            f"processes (e.g. {n} networks: --nproc_per_node={n * replicas} on one node)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise TopologyError("device=cuda but no CUDA device is visible")
@@ -209,6 +210,9 @@ class FlatState:
             groups.setdefault(t.dtype, []).append(t.detach().reshape(-1))
         return cls({dt: torch.cat(ts) for dt, ts in groups.items()}, layout)
 
+    def to(self, device) -> "FlatState":
+        return FlatState({dt: b.to(device) for dt, b in self.buffers.items()}, self.layout)
+
     def empty_like(self) -> "FlatState":
         return FlatState({dt: torch.empty_like(b) for dt, b in self.buffers.items()}, self.layout)
 
@@ -222,9 +226,17 @@ class FlatState:
 
 
 def exchange_weights(topo: Topology, own: FlatState, mode: str = "auto") -> tuple[FlatState, int]:
-    """Leaders only: receive the peer network's buffers. Returns (peer buffers, bytes received)."""
+    """Leaders only: receive the peer network's buffers. Returns (peer buffers, bytes received).
+
+    gloo moves CPU tensors only (its send/recv and all_gather refuse or mangle CUDA ones), so on
+    gloo the buffers travel through host memory and come back on the state's device.
+    """
     mode = "ring" if mode == "auto" else mode
     n, k = topo.networks, topo.network
+    device = next(iter(own.buffers.values())).device
+    if topo.backend == "gloo" and device.type != "cpu":
+        peer, received = exchange_weights(topo, own.to("cpu"), mode)
+        return peer.to(device), received
     peer = own.empty_like()
     received = 0
     for dt, buf in own.buffers.items():
@@ -281,7 +293,7 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *
         h = core.plan_entropies(state, plan, bins).to(torch.float64).cpu()
         row = torch.cat([torch.tensor([0.0 if bad_layer is None else 1.0], dtype=torch.float64), h])
         if topo.distributed:
-            dev_row = row.to(topo.device)
+            dev_row = row.to(topo.device if topo.backend == "nccl" else "cpu")  # gloo gathers CPU tensors
             dev_rows = [torch.empty_like(dev_row) for _ in range(topo.networks)]
             dist.all_gather(dev_rows, dev_row, group=topo.leader_group)
             rows = [r.cpu() for r in dev_rows]

@@ -41,9 +41,12 @@ def initial_lr(cfg: Config, network: int, networks: int) -> float:
 
 
 def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
-    """Returns (scheduler, steps it per iteration?)."""
+    """Returns (scheduler, steps it per iteration?). Cosine is written in closed form, step by
+    step, so that a resumed run with more ``epochs`` follows the longer curve from where it is."""
     if cfg.optim.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps_per_epoch), True
+        total = cfg.epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))), True
     if cfg.optim.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, cfg.optim.step_size, cfg.optim.gamma), False
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), False
@@ -115,8 +118,12 @@ def evaluate(model, loader, autocast, device) -> tuple[dict, torch.Tensor, torch
         probs.append(outputs.softmax(1))
         labels_all.append(labels)
     probs, labels = torch.cat(probs), torch.cat(labels_all)
-    acc = 100.0 * (probs.argmax(1) == labels).float().mean().item()
-    return {"test_loss": loss_sum / len(labels), "test_acc": acc}, probs, labels
+    return {"test_loss": loss_sum / len(labels), "test_acc": accuracy(probs, labels)}, probs, labels
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 in percent, from the integer count (a float32 mean would print 27.59999930858612)."""
+    return 100.0 * int((probs.argmax(1) == labels).sum()) / len(labels)
 
 
 def evaluate_network(model, loader, autocast, topo: ring.Topology, thresholds) -> dict:
@@ -132,7 +139,7 @@ def ensemble_accuracy(topo: ring.Topology, probs: torch.Tensor, labels: torch.Te
     if topo.distributed:
         probs = probs.clone()
         dist.all_reduce(probs, group=topo.leader_group)
-    return 100.0 * (probs.argmax(1) == labels).float().mean().item()
+    return accuracy(probs, labels)
 
 
 def make_loaders(cfg: Config, topo: ring.Topology):
@@ -164,13 +171,18 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         if not grafting:
             why = "one network" if networks == 1 else "grafting.enabled=false"
             log(f"baseline: no grafting ({why}); {networks} network(s) train independently")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
 
+    if cfg.distill.mutual and networks == 1:
+        raise ConfigError("distill.mutual: needs 2 or more networks (--nproc_per_node)")
     seed_everything(cfg.seed + topo.network)  # replicas of one network share the model seed
     train_loader, eval_loader, data_classes = make_loaders(cfg, topo)
-    num_classes = cfg.num_classes or data_classes
-    model = build_model(cfg.model, num_classes).to(topo.device)
+    if len(train_loader) == 0:
+        raise DataError(f"batch_size={cfg.batch_size}: larger than the training set of this network's "
+                        "replica; nothing to train (lower batch_size)")
+    if cfg.num_classes and cfg.num_classes < data_classes:
+        raise ConfigError(f"num_classes: {cfg.num_classes}, but the data has {data_classes} classes")
+    cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or data_classes)
+    model = build_model(cfg.model, cfg.num_classes).to(topo.device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     lr0 = initial_lr(cfg, topo.network, networks)
@@ -184,7 +196,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     def autocast():
         return torch.autocast(topo.device.type, amp_dtype) if use_amp else contextlib.nullcontext()
 
-    teachers = distill.load_teachers(cfg.distill.teachers, topo.device, cfg.channels_last)
+    teachers = distill.load_teachers(cfg.distill.teachers, topo.device, cfg.channels_last, cfg.num_classes)
     loss_fn = distill.make_loss(cfg, teachers, topo.leader_group if networks > 1 else None)
     if topo.rank == 0 and (teachers or cfg.distill.mutual):
         log(f"distillation: {len(teachers)} teacher(s){', mutual' if cfg.distill.mutual else ''}, "
@@ -196,9 +208,13 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
             log(f"filter level: {len(alone)} conv(s) with no BatchNorm after them blend with their layer "
                 f"alpha: {', '.join(alone)}")
     metrics = MetricsLog(run_dir / "metrics.jsonl") if topo.rank == 0 else None
-    start_epoch, best = 0, -1.0
+    start_epoch, best, pending_graft = 0, -1.0, False
     if cfg.resume == "auto":
-        start_epoch, best = resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log)
+        start_epoch, best, pending_graft = resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log)
+    if topo.rank == 0:  # only now: a refused resume leaves the run's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
+        if start_epoch == 0 and metrics.read():
+            log(f"starting over: the metrics of the earlier run are kept in {metrics.set_aside()}")
 
     train_model = model
     if topo.replicas > 1:
@@ -211,6 +227,13 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     show = cfg.progress and topo.local_rank == 0 and sys.stderr.isatty()
     tensorboard = TensorBoardLog(run_dir) if topo.rank == 0 else None
     thresholds = tuple(cfg.invalid_thresholds)
+    g = cfg.grafting
+    if pending_graft:
+        new_state, _ = ring.graft_step(topo, model.state_dict(), plan, epoch=start_epoch - 1, level=g.level,
+                                       A=g.A, c=g.c, bins=g.bins, exchange=g.exchange)
+        model.load_state_dict(new_state)
+        if topo.rank == 0:
+            log(f"grafted after epoch {start_epoch}: it was the last epoch of the run now extended")
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
@@ -219,13 +242,14 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         record = {"epoch": epoch, "network": topo.network, "lr": lr}
         record.update(train_one_epoch(train_model, train_loader, loss_fn, optimizer, scheduler, per_iter, scaler,
                                       autocast, progress, topo.device))
+        ring.arrive(topo, f"epoch {epoch} trained")  # a dead peer is named here, not by a collective
         if topo.is_leader:  # each network as trained, before grafting, as the paper reports it
             record.update(evaluate_network(model, eval_loader, autocast, topo, thresholds))
             if record["test_acc"] > best:
                 best = record["test_acc"]
                 checkpoint.save_best(run_dir, topo.network, epoch, best, cfg.setup(networks), model.state_dict())
-        if grafting and epoch < cfg.epochs - 1:
-            g = cfg.grafting
+        grafted = grafting and epoch < cfg.epochs - 1
+        if grafted:
             new_state, result = ring.graft_step(topo, model.state_dict(), plan, epoch=epoch, level=g.level,
                                                 A=g.A, c=g.c, bins=g.bins, exchange=g.exchange)
             model.load_state_dict(new_state)
@@ -238,7 +262,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
             record.update({"peer": None, "graft_seconds": 0.0, "graft_bytes": 0})
         if topo.is_leader:  # the resume point: grafted weights, ready for the next epoch
             checkpoint.save_epoch(run_dir, topo.network, epoch, {
-                "setup": cfg.setup(networks), "best_acc": best, "model": model.state_dict(),
+                "setup": cfg.setup(networks), "best_acc": best, "grafted": grafted, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "rng": checkpoint.capture_rng(topo.device),
             })
@@ -270,11 +294,12 @@ def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
     return dataclasses.replace(cfg, output_dir=path)
 
 
-def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tuple[int, float]:
+def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tuple[int, float, bool]:
     """Restart from the newest epoch every network completed (``resume: auto``).
 
-    Returns (first epoch to train, best accuracy so far). Damaged checkpoint files are skipped
-    (and named); the networks agree on the epoch with one collective.
+    Returns (first epoch to train, best accuracy so far, whether that epoch's graft is still to
+    do: it was the last epoch of a run now extended). Damaged checkpoint files are skipped (and
+    named); the networks agree on the epoch with one collective.
     """
     run_dir = Path(cfg.output_dir)
     newest, saved, skipped = checkpoint.newest_complete(run_dir, topo.network)
@@ -291,7 +316,7 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
                 f"{run_dir}: networks {[r // topo.replicas for r, e in enumerate(everyone) if e < 0]} have no "
                 "usable checkpoint while others do; cannot resume consistently (resume=never starts afresh "
                 "in a new directory)")
-        return 0, -1.0
+        return 0, -1.0, False
     path = checkpoint.epoch_path(run_dir, topo.network, agreed)
     if not path.exists():
         raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
@@ -302,13 +327,23 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # the curve as configured now: epochs may
+        for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):  # have grown
+            group["lr"] = base * f(scheduler.last_epoch)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     checkpoint.restore_rng(state["rng"])
+    if topo.is_leader:
+        stale = checkpoint.set_aside_best_after(run_dir, topo.network, agreed)
+        if stale:
+            log(f"rank {topo.rank}: {stale.name}: best.pt came from an epoch after {agreed + 1}, which is "
+                "trained again; set aside")
     if metrics is not None:
         metrics.truncate(after_epoch=agreed)
         log(f"resuming after epoch {agreed + 1}/{cfg.epochs} (the newest epoch every network completed)")
-    return agreed + 1, state.get("best_acc", -1.0)
+    pending_graft = not state.get("grafted", True) and cfg.grafting.enabled and topo.networks > 1 \
+        and agreed < cfg.epochs - 1
+    return agreed + 1, state.get("best_acc", -1.0), pending_graft
 
 
 def parse_args(argv=None):
@@ -337,9 +372,14 @@ def main(argv=None) -> int:
         ring.teardown(topo)
         return 0
     except (ConfigError, ring.TopologyError, ring.PeerTimeout, ring.GraftError, checkpoint.CheckpointError,
-            DataError, FileNotFoundError, FloatingPointError, Stop) as e:
+            DataError, OSError, FloatingPointError, Stop) as e:
         where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed else ""
         print(f"graft: error: {where}{e}", file=sys.stderr, flush=True)
+        return 1
+    except dist.DistError as e:  # a collective failed: almost always a peer that died first
+        print(f"graft: error: rank {topo.rank if topo else '?'}: communication with the other ranks failed "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); a peer probably died first: see its log. "
+              "Rerun the same command to resume.", file=sys.stderr, flush=True)
         return 1
 
 

@@ -38,6 +38,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("optim: 0.1\n", r"optim: expected a mapping"),
     ("epochs: [1\n", r"c.yaml: not valid YAML \(line"),
     ("- 1\n- 2\n", r"expected a mapping of keys at the top level"),
+    ("epochs: 3\noptim:\n  lr: 0.1\nepochs: 4\n", r"c.yaml: not valid YAML \(line 4, column 1\): key 'epochs' given twice"),
+    ("model: resnet33\n", r"c.yaml: model: unknown model 'resnet33' \(did you mean 'resnet32'\?\)"),
 ])
 def test_bad_files_name_the_key_and_file(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -58,6 +60,33 @@ def test_bad_overrides(override, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.yaml: cannot read config file"):
         load_config("nope.yaml")
+
+
+def test_binary_file(tmp_path):
+    path = tmp_path / "data.tar.gz"
+    path.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match="data.tar.gz: not a text file"):
+        load_config(path)
+
+
+def test_a_bad_value_in_the_file_can_be_overridden_and_errors_name_the_source(tmp_path):
+    path = write(tmp_path, "epochs: 0\noptim:\n  lr: 0.1\n")
+    assert load_config(path, ["epochs=5"]).epochs == 5
+    with pytest.raises(ConfigError, match=r"c.yaml: epochs: must be >= 1"):
+        load_config(path, ["optim.lr=0.2"])
+    with pytest.raises(ConfigError, match=r"command line: model: unknown model 'tv:resnet19'"):
+        load_config(path, ["epochs=5", "model=tv:resnet19"])
+    assert load_config(None, ["model=tv:resnet18"]).model == "tv:resnet18"
+
+
+def test_setup_holds_what_shapes_training_and_not_runtime_settings():
+    base = Config().setup(2)
+    for key in ("optim.difflr", "optim.schedule", "optim.lr", "batch_size", "grafting.A", "distill.tau",
+                "data.train_subset", "model", "seed"):
+        assert key in base
+    for key in ("epochs", "data.root", "timeout", "progress", "compat", "output_dir"):
+        assert key not in base
+    assert base["networks"] == 2
 
 
 def test_every_shipped_config_loads():

@@ -43,10 +43,12 @@ def teacher(tmp_path_factory):
 
 def test_teacher_loads_frozen_from_its_checkpoint(teacher):
     _, path = teacher
-    (model,) = load_teachers([str(path)], torch.device("cpu"), channels_last=False)
+    (model,) = load_teachers([str(path)], torch.device("cpu"), channels_last=False, num_classes=10)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     saved = checkpoint.load(path)["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    with pytest.raises(checkpoint.CheckpointError, match="predicts 10 classes, the students 100"):
+        load_teachers([str(path)], torch.device("cpu"), channels_last=False, num_classes=100)
 
 
 def test_grafting_plus_kd_run(teacher):
