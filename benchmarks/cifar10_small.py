@@ -64,6 +64,14 @@ def load(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_minutes(recs: list[dict]) -> float:
+    """A run's training time: per epoch the slowest network's epoch time, summed."""
+    slowest: dict[int, float] = {}
+    for r in recs:
+        slowest[r["epoch"]] = max(slowest.get(r["epoch"], 0.0), r["epoch_seconds"])
+    return sum(slowest.values()) / 60
+
+
 def mean_std(xs) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
 
@@ -129,6 +137,11 @@ def write_report(args, results: dict[str, list[list[dict]]]) -> None:
                     f"{mean_std(p['ens_best'])} | {statistics.mean(p['inv01']):.1f} / {f['filters']} | "
                     f"{statistics.mean(p['inv001']):.1f} / {f['filters']} | {statistics.mean(p['overhead']):.2f}% |")
     cmd = "python benchmarks/cifar10_small.py " + " ".join(sys.argv[1:])
+    minutes = {arm: sum(train_minutes(recs) for recs in runs) for arm, runs in results.items()}
+    time_line = (f"Time on this machine (2-core CPU; per epoch the slowest network, summed): "
+                 + ", ".join(f"{arm} {m:.0f} min" for arm, m in minutes.items())
+                 + f"; {sum(minutes.values()):.0f} min in all, plus about a minute per run to start and load "
+                 "the data.\n")
     teacher_line, teacher_finding = "", ""
     if args.study == "cultivation":
         t = load(Path(args.runs) / f"teacher-{args.teacher_model}")
@@ -151,7 +164,7 @@ seeds {", ".join(map(str, args.seeds))}. {teacher_line}Accuracies in %, mean ± 
 Invalid filters: conv filters with L1 norm below the threshold at the end, mean over networks.
 Graft overhead: time in the graft step (check-in, exchange, entropies, blend) as a share of the epoch's
 time, median over the grafted epochs (0 where nothing is grafted).
-
+{time_line}
 | arm | seeds | net 1 final | net 1 best | mean final | mean best | ensemble final | ensemble best | invalid < 0.1 | invalid < 0.01 | graft overhead |
 |---|---|---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + f"""
@@ -213,6 +226,9 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--runs", default=str(ROOT / "runs" / "cifar10_small"))
     args = parser.parse_args()
+    if not Path(args.data).is_file():
+        parser.error(f"--data {args.data}: no such file. Pass all of CIFAR-10 as a .tar.gz of JPEGs in the "
+                     "ImageFolder layout (train/<class>/*.jpg, test/<class>/*.jpg)")
     results = {arm: [load(run_arm(args, arm, seed)) for seed in args.seeds] for arm in STUDIES[args.study]}
     write_report(args, results)
 

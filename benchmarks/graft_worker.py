@@ -41,8 +41,7 @@ def main():
                                        "leader": topo.is_leader}
     for poll in polls:
         times = []
-        reps = repeat if poll < 1 else 2
-        for r in range(reps + 1):
+        for r in range(repeat + 1):
             tag = int(poll * 1000) * 1000 + r
             dist.barrier()
             start = time.perf_counter()

@@ -97,6 +97,22 @@ def _env_int(name: str, default: int) -> int:
     return default if value is None else int(value)
 
 
+def pick_backend(backend: str, use_cuda: bool, local_world: int, gpus: int) -> str:
+    """``auto``: NCCL when every process on the node has a GPU of its own, else gloo (CPU, or
+    networks sharing GPUs). An explicit choice that cannot work is refused, saying why."""
+    if backend == "auto":
+        return "nccl" if use_cuda and local_world <= gpus else "gloo"
+    if backend == "nccl":
+        if not use_cuda:
+            raise TopologyError("backend=nccl needs CUDA devices; use backend=gloo on CPU")
+        if local_world > gpus:
+            raise TopologyError(
+                f"{local_world} processes on this node but {gpus} GPU(s): NCCL cannot put two ranks on one GPU "
+                f"('Duplicate GPU detected'). Start at most --nproc_per_node={gpus}, or use backend=gloo "
+                "(or auto) to share GPUs")
+    return backend
+
+
 def setup(replicas: int = 1, backend: str = "auto", device: str = "auto",
           timeout: float = 1800.0) -> Topology:
     """Read torchrun's environment, pick backend and device, start the process group."""
@@ -110,16 +126,7 @@ def setup(replicas: int = 1, backend: str = "auto", device: str = "auto",
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise TopologyError("device=cuda but no CUDA device is visible")
-    if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
-    if backend == "nccl":
-        if not use_cuda:
-            raise TopologyError("backend=nccl needs CUDA devices; use backend=gloo on CPU")
-        if local_world > torch.cuda.device_count():
-            raise TopologyError(
-                f"{local_world} processes on this node but {torch.cuda.device_count()} GPU(s): NCCL cannot "
-                "put two ranks on one GPU ('Duplicate GPU detected'). Start at most "
-                f"--nproc_per_node={torch.cuda.device_count()}, or set backend=gloo to share GPUs")
+    backend = pick_backend(backend, use_cuda, local_world, torch.cuda.device_count() if use_cuda else 0)
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())

@@ -162,7 +162,7 @@ def make_loaders(cfg: Config, topo: ring.Topology):
 
 
 def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
-    cfg = fresh_output_dir(cfg, topo)
+    cfg = fresh_output_dir(cfg, topo, log)
     run_dir = Path(cfg.output_dir)
     networks = topo.networks
     grafting = cfg.grafting.enabled and networks > 1
@@ -281,7 +281,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     return summary
 
 
-def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
+def fresh_output_dir(cfg: Config, topo: ring.Topology, log=print) -> Config:
     """``resume: never`` with checkpoints in output_dir: start afresh in output_dir-1, -2, ...
     (rank 0 decides, everyone follows); nothing already saved is touched."""
     if cfg.resume != "never":
@@ -291,6 +291,8 @@ def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
         n += 1
         path = f"{base}-{n}"
     path = ring.all_gather_objects(topo, path, leaders_only=False)[0]
+    if path != base and topo.rank == 0:
+        log(f"resume=never: {base} holds checkpoints; this run writes to {path}")
     return dataclasses.replace(cfg, output_dir=path)
 
 
@@ -350,7 +352,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="graft-train", description=__doc__.splitlines()[0],
         epilog="Overrides use dotted keys, e.g. optim.lr=0.05 grafting.enabled=false epochs=2")
-    parser.add_argument("--config", "-c", help="YAML config file (defaults: configs/quickstart.yaml values)")
+    parser.add_argument("--config", "-c", help="YAML config file (without one: the defaults of graft/config.py)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides, validated) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up (first call only) and run the quick start: 2 grafted ResNet-20s on the
-# committed real CIFAR-10 sample, a few minutes on a 2-core CPU, ending with the summary table.
+# committed real CIFAR-10 sample, under a minute on a 2-core CPU, ending with the summary table.
 # Extra arguments are config overrides, e.g. scripts/run.sh epochs=2 grafting.enabled=false
 source "$(dirname "$0")/_env.sh"
 exec torchrun --standalone --nproc_per_node="${NPROC:-2}" -m graft.train \

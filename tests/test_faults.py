@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import shutil
+
 import pytest
 import torch
 
@@ -126,8 +128,12 @@ def test_damaged_newest_checkpoint_falls_back(reference, tmp_path):
     assert_one_record_per_epoch(out)
 
 
+def saved_files(out):
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
 def test_incompatible_resume_is_refused_and_nothing_changes(reference, tmp_path):
-    before = {p: p.read_bytes() for p in (reference / "checkpoints").rglob("*.pt")}
+    before = saved_files(reference)
     proc = run(reference, overrides=["model=resnet20"])
     assert proc.returncode != 0
     assert "cannot resume, the run was set up differently (model: 'resnet8' in the checkpoint, 'resnet20' now)" \
@@ -135,7 +141,68 @@ def test_incompatible_resume_is_refused_and_nothing_changes(reference, tmp_path)
     proc = run(reference, nproc=3)
     assert proc.returncode != 0
     assert "networks: 2 in the checkpoint, 3 now" in proc.stderr
-    assert {p: p.read_bytes() for p in (reference / "checkpoints").rglob("*.pt")} == before
+    proc = run(reference, overrides=["optim.difflr=false", "grafting.A=0.2"])
+    assert proc.returncode != 0
+    assert "optim.difflr: True in the checkpoint, False now; grafting.A: 0.4 in the checkpoint, 0.2 now" \
+        in proc.stderr
+    assert saved_files(reference) == before  # config.yaml, metrics, checkpoints: all as they were
+
+
+def test_no_loadable_checkpoint_is_refused_not_restarted(reference, tmp_path):
+    out = tmp_path / "garbage"
+    shutil.copytree(reference, out)
+    for _, path in checkpoint.epoch_files(out, 1):
+        path.write_bytes(b"garbage")
+    before = saved_files(out)
+    proc = run(out)
+    assert proc.returncode != 0
+    assert f"{checkpoint.network_dir(out, 1)}: none of the 2 epoch checkpoint(s) loads" in proc.stderr
+    assert saved_files(out) == before  # best.pt and the metrics of the run survive
+
+
+def test_starting_over_keeps_the_earlier_metrics(reference, tmp_path):
+    out = tmp_path / "over"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints")
+    before = (out / "metrics.jsonl").read_text()
+    proc = run(out, overrides=["epochs=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (aside,) = out.glob("metrics.before-*.jsonl")
+    assert f"starting over: the metrics of the earlier run are kept in {aside}" in proc.stdout
+    assert aside.read_text() == before and len(records(out)) == 2
+
+
+def test_extending_a_finished_run_follows_the_longer_schedule(reference, tmp_path):
+    out = tmp_path / "extended"
+    assert run(out, overrides=["epochs=2"]).returncode == 0
+    proc = run(out)  # epochs=3 now
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming after epoch 2/3" in proc.stdout
+    assert "grafted after epoch 2: it was the last epoch of the run now extended" in proc.stdout
+    # The third epoch's lr is the 3-epoch cosine's, as in a run planned for 3 epochs from the start.
+    lr = {(r["epoch"], r["network"]): r["lr"] for r in records(reference)}
+    assert {(r["epoch"], r["network"]): r["lr"] for r in records(out) if r["epoch"] == 2} == \
+        {k: v for k, v in lr.items() if k[0] == 2}
+    assert_one_record_per_epoch(out)
+
+
+def test_epoch_files_pruning_best_set_aside_and_file_mode(tmp_path):
+    payload = {"model": {}}
+    for epoch in (5, 6):  # left by a run that later resumed after epoch 2
+        checkpoint.save_epoch(tmp_path, 0, epoch, payload)
+    partial = checkpoint.network_dir(tmp_path, 0) / ".epoch0007.pt.abc.tmp"  # a save that was killed
+    partial.write_bytes(b"x")
+    for epoch in (1, 2, 3):
+        checkpoint.save_epoch(tmp_path, 0, epoch, payload)
+    assert [e for e, _ in checkpoint.epoch_files(tmp_path, 0)] == [2, 3, 5, 6]
+    assert not partial.exists()
+    path = checkpoint.epoch_path(tmp_path, 0, 3)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoint._umask()
+    checkpoint.save_best(tmp_path, 0, 5, 50.0, {}, {})
+    assert checkpoint.set_aside_best_after(tmp_path, 0, 5) is None  # not after: kept
+    stale = checkpoint.set_aside_best_after(tmp_path, 0, 3)
+    assert stale.name == "best.epoch0005.stale.pt" and checkpoint.load(stale)["test_acc"] == 50.0
+    assert not (checkpoint.network_dir(tmp_path, 0) / "best.pt").exists()
 
 
 def test_resume_never_starts_afresh_elsewhere(reference):
@@ -143,6 +210,7 @@ def test_resume_never_starts_afresh_elsewhere(reference):
     proc = run(reference, overrides=["resume=never", "epochs=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = reference.parent / f"{reference.name}-1"
+    assert f"resume=never: {reference} holds checkpoints; this run writes to {fresh}" in proc.stdout
     assert len(records(fresh)) == 2
     assert (reference / "metrics.jsonl").read_text() == before
 

@@ -36,12 +36,21 @@ def test_world_must_be_a_multiple_of_data_parallel(torchrun_env):
         ring.setup(2, "gloo", "cpu")
 
 
+def test_backend_choice():
+    assert ring.pick_backend("auto", use_cuda=False, local_world=4, gpus=0) == "gloo"
+    assert ring.pick_backend("auto", use_cuda=True, local_world=2, gpus=2) == "nccl"
+    assert ring.pick_backend("auto", use_cuda=True, local_world=3, gpus=2) == "gloo"  # networks share GPUs
+    assert ring.pick_backend("gloo", use_cuda=True, local_world=1, gpus=1) == "gloo"
+    with pytest.raises(ring.TopologyError, match=r"Duplicate GPU detected.*--nproc_per_node=1, or use backend=gloo"):
+        ring.pick_backend("nccl", use_cuda=True, local_world=2, gpus=1)
+
+
 def test_two_nccl_ranks_on_one_gpu_are_refused(torchrun_env, monkeypatch):
     torchrun_env(world=2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ring.TopologyError, match=r"Duplicate GPU detected.*--nproc_per_node=1, or set backend=gloo"):
-        ring.setup(1, "auto", "auto")
+    with pytest.raises(ring.TopologyError, match=r"Duplicate GPU detected"):
+        ring.setup(1, "nccl", "auto")
 
 
 def test_nccl_needs_cuda(torchrun_env, monkeypatch):
