@@ -240,7 +240,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"command line: {key}: cannot parse value {raw!r}: {e}") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"command line: {key}: cannot parse value {raw!r}: {problem}") from None
     return key.strip().split("."), value
 
 

@@ -18,6 +18,7 @@ tensors instead of JPEGs.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import math
@@ -223,6 +224,7 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
             pass
 
     try:
+        _check_gzip(path)
         with tarfile.open(path, mode="r|*") as tar:
             files = {}
             for member in tar:
@@ -250,6 +252,17 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
         os.unlink(tmp)
         raise
     return train, test, len(classes)
+
+
+def _check_gzip(path: str) -> None:
+    """Read a gzip file to its end, which checks its CRC: the tar stream reader stops at the
+    archive's end marker and would not notice damage after it (or a header damaged into one)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return
+    with gzip.open(path) as f:
+        while f.read(1 << 24):
+            pass
 
 
 def _load_folder(root: str, image_size: int) -> tuple[ArraySplit, ArraySplit, int]:

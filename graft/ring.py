@@ -294,7 +294,7 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *
     """
     start = time.perf_counter()
     arrive(topo, f"epoch {epoch} graft")
-    new_state, report, table, received = state, None, torch.zeros(0), 0
+    new_state, report, table, received, refusal = state, None, torch.zeros(0), 0, None
     if topo.is_leader:
         bad_layer = core.first_non_finite(state)
         h = core.plan_entropies(state, plan, bins).to(torch.float64).cpu()
@@ -311,12 +311,24 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *
         if bool(flags.any()):
             bad = [int(i) for i in flags.nonzero().flatten()]
             here = f" (layer {bad_layer!r})" if bad_layer is not None else ""
-            raise GraftError(f"rank {topo.rank}, network {topo.network}: epoch {epoch}: NaN or Inf weights in "
-                             f"network(s) {bad}{here}; nobody grafts, the last checkpoints stay as they were")
-        flat = FlatState.from_state(state)
-        peer_flat, received = exchange_weights(topo, flat, exchange) if topo.networks > 1 else (flat, 0)
-        new_state, report = core.graft_with_entropies(
-            state, peer_flat.to_state(), plan, table[topo.network], table[topo.peer], level, A, c)
+            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: epoch {epoch}: NaN or Inf weights in "
+                                 f"network(s) {bad}{here}; nobody grafts, the last checkpoints stay as they were")
+        else:
+            flat = FlatState.from_state(state)
+            peer_flat, received = exchange_weights(topo, flat, exchange) if topo.networks > 1 else (flat, 0)
+            new_state, report = core.graft_with_entropies(
+                state, peer_flat.to_state(), plan, table[topo.network], table[topo.peer], level, A, c)
+    if topo.replicas > 1:
+        # The replicas learn of a refusal first, instead of waiting for weights that never come.
+        leader = topo.leader_rank(topo.network)
+        status = torch.tensor([refusal is not None], dtype=torch.uint8,
+                              device=topo.device if topo.backend == "nccl" else "cpu")
+        dist.broadcast(status, leader, group=topo.network_group)
+        if refusal is None and bool(status.item()):
+            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: epoch {epoch}: rank {leader} refused "
+                                 "to graft (NaN or Inf weights: see its error); the last checkpoints stay as they were")
+    if refusal is not None:
+        raise refusal
     if topo.replicas > 1:
         flat = FlatState.from_state(new_state)
         for buf in flat.buffers.values():

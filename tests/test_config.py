@@ -51,6 +51,7 @@ def test_bad_files_name_the_key_and_file(tmp_path, text, message):
     ("grafting.AA=0.1", r"unknown key 'grafting.AA' \(did you mean 'grafting.A'\?\)"),
     ("epochs", r"expected key=value"),
     ("model.depth=3", r"'model' is not a section"),
+    ("distill.teachers=[a.pt", r"^command line: distill.teachers: cannot parse value '\[a.pt': [^\n]+$"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -194,8 +194,14 @@ def test_class_lists_differ(tmp_path):
         load_arrays(DataConfig(name="tar", root=str(path), cache_dir=str(tmp_path)))
 
 
-@pytest.mark.parametrize("blob", [np.random.default_rng(0).bytes(5000),
-                                  FIXTURE.read_bytes()[:100_000]], ids=["random", "truncated"])
+def flip_last_byte_of_data(blob: bytes) -> bytes:
+    """Damage the compressed stream just before gzip's 8-byte CRC/length trailer."""
+    return blob[:-9] + bytes([blob[-9] ^ 0xFF]) + blob[-8:]
+
+
+@pytest.mark.parametrize("blob", [np.random.default_rng(0).bytes(5000), FIXTURE.read_bytes()[:100_000],
+                                  flip_last_byte_of_data(FIXTURE.read_bytes())],
+                         ids=["random", "truncated", "damaged-after-the-end-marker"])
 def test_corrupt_archive(tmp_path, blob):
     path = tmp_path / "bad.tar.gz"
     path.write_bytes(blob)

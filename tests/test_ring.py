@@ -75,6 +75,14 @@ def test_nan_in_one_network_stops_every_network_unpoisoned(tmp_path):
     assert "(layer '3.weight')" in outs[1]["error"]
 
 
+def test_nan_in_hybrid_mode_stops_the_replicas_too(tmp_path):
+    proc = torchrun(4, WORKER, tmp_path, 2, "auto", "layer", "nan")  # 2 networks x 2 replicas
+    assert proc.returncode != 0
+    errors = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["error"] for r in range(4)]
+    assert all("NaN or Inf weights in network(s) [1]" in e for e in errors[0::2])  # the leaders
+    assert "rank 0 refused to graft" in errors[1] and "rank 2 refused to graft" in errors[3]  # their replicas
+
+
 def test_dead_peer_is_named_within_the_timeout(tmp_path):
     port = free_port()
     procs = []
