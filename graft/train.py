@@ -71,7 +71,9 @@ def seed_everything(seed: int) -> None:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scaler, autocast, progress,
-                    device) -> dict:
+                    device, group=None) -> dict:
+    """One epoch of SGD. Loss, accuracy and images/s are the network's: summed over its replicas
+    (``group``) in hybrid mode."""
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -99,10 +101,14 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scal
     seconds = time.perf_counter() - start
     if not per_iter:
         scheduler.step()
-    if not math.isfinite(total_loss.item()):
+    totals = torch.stack([total_loss.double(), correct.double(), torch.tensor(float(seen), device=device)])
+    if group is not None:
+        dist.all_reduce(totals, group=group)
+    loss_sum, correct_n, seen_n = totals.tolist()
+    if not math.isfinite(loss_sum):
         raise FloatingPointError("training loss is NaN or Inf (try a lower optim.lr)")
-    return {"train_loss": total_loss.item() / max(seen, 1), "train_acc": 100.0 * correct.item() / max(seen, 1),
-            "images_per_sec": seen / seconds, "train_seconds": seconds}
+    return {"train_loss": loss_sum / max(seen_n, 1), "train_acc": 100.0 * correct_n / max(seen_n, 1),
+            "images_per_sec": seen_n / seconds, "train_seconds": seconds}
 
 
 @torch.no_grad()
@@ -225,7 +231,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         train_model = torch.compile(train_model)
 
     show = cfg.progress and topo.local_rank == 0 and sys.stderr.isatty()
-    tensorboard = TensorBoardLog(run_dir) if topo.rank == 0 else None
+    tensorboard = TensorBoardLog(run_dir, start_epoch) if topo.rank == 0 else None
     thresholds = tuple(cfg.invalid_thresholds)
     g = cfg.grafting
     if pending_graft:
@@ -241,7 +247,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         lr = optimizer.param_groups[0]["lr"]
         record = {"epoch": epoch, "network": topo.network, "lr": lr}
         record.update(train_one_epoch(train_model, train_loader, loss_fn, optimizer, scheduler, per_iter, scaler,
-                                      autocast, progress, topo.device))
+                                      autocast, progress, topo.device, topo.network_group))
         ring.arrive(topo, f"epoch {epoch} trained")  # a dead peer is named here, not by a collective
         if topo.is_leader:  # each network as trained, before grafting, as the paper reports it
             record.update(evaluate_network(model, eval_loader, autocast, topo, thresholds))
