@@ -381,7 +381,8 @@ def main(argv=None) -> int:
         return 0
     except (ConfigError, ring.TopologyError, ring.PeerTimeout, ring.GraftError, checkpoint.CheckpointError,
             DataError, OSError, FloatingPointError, Stop) as e:
-        where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed else ""
+        named = str(e).startswith(f"rank {topo.rank}") if topo else False  # ring errors name the rank
+        where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed and not named else ""
         print(f"graft: error: {where}{e}", file=sys.stderr, flush=True)
         return 1
     except dist.DistError as e:  # a collective failed: almost always a peer that died first

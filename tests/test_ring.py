@@ -100,3 +100,30 @@ def test_dead_peer_is_named_within_the_timeout(tmp_path):
         assert code == 1, err
         assert "network 1 (rank 1) did not arrive" in err
     assert elapsed < 60
+
+
+def test_dead_peer_during_training_is_named_by_the_launcher(tmp_path):
+    """Without torchrun's agent (which would stop the others itself): rank 1 is killed while
+    training; rank 0 names it at the end of the epoch instead of failing inside a collective."""
+    port, out = free_port(), tmp_path / "run"
+    procs = []
+    for rank in range(2):
+        e = env()
+        e.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "graft.train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+             f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "model=resnet8", "epochs=20",
+             "batch_size=50", "data.train_subset=400", "data.test_subset=100", "progress=false", "timeout=5"],
+            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+        time.sleep(0.05)
+    procs[1].kill()  # after epoch 0's records: rank 1 was training epoch 1
+    start = time.monotonic()
+    code, err = procs[0].wait(timeout=120), procs[0].stderr.read()
+    procs[1].wait()
+    assert code == 1 and time.monotonic() - start < 60
+    assert "graft: error: rank 0: network 1 (rank 1) did not arrive at epoch 1 trained within 5 s" in err
+    assert "Traceback" not in err
