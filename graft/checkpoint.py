@@ -3,10 +3,12 @@
 Layout under the run directory::
 
     checkpoints/net{k}/epoch{e:04d}.pt   the resume point after epoch e (grafted weights,
-                                         optimizer, scheduler, scaler, RNG states); the last
-                                         ``keep`` epochs are kept so that networks can agree on
-                                         an epoch they have all completed
+                                         optimizer, scheduler, scaler, RNG states, the epoch's
+                                         metrics record); the last ``keep`` epochs are kept so
+                                         that networks can agree on an epoch they all completed
     checkpoints/net{k}/best.pt           the best evaluated (pre-graft) weights of network k
+    checkpoints/net{k}/best.prev.pt      the best before it (put back if a resume retrains
+                                         the epoch best.pt came from)
 """
 
 from __future__ import annotations
@@ -83,28 +85,55 @@ def save_epoch(run_dir: str | Path, network: int, epoch: int, payload: dict, kee
 
 
 def save_best(run_dir: str | Path, network: int, epoch: int, test_acc: float, setup: dict, model: dict) -> Path:
-    """The best evaluated weights; ``setup`` names the model, so the file can serve as a teacher."""
+    """The best evaluated weights; ``setup`` names the model, so the file can serve as a teacher.
+
+    The best before it is kept as best.prev.pt: a resume that trains this epoch again (another
+    network died in it) puts that one back (``set_aside_best_after``).
+    """
     path = network_dir(run_dir, network) / "best.pt"
+    new = path.with_name("best.new.pt")  # written in full first: a full disk changes nothing
     atomic_save({"format": FORMAT, "network": network, "epoch": epoch, "test_acc": test_acc, "setup": setup,
-                 "model": model}, path)
+                 "model": model}, new)
+    if path.exists():
+        os.replace(path, path.with_name("best.prev.pt"))
+    os.replace(new, path)
     return path
+
+
+def _saved_epoch(path: Path) -> int | None:
+    try:
+        return load(path)["epoch"]
+    except CheckpointError:
+        return None
 
 
 def set_aside_best_after(run_dir: str | Path, network: int, epoch: int) -> Path | None:
     """A resume trains the epochs after ``epoch`` again: a best.pt saved by one of them (before a
-    crash stopped the others) is renamed out of the way, not deleted. Returns its new path."""
-    path = network_dir(run_dir, network) / "best.pt"
+    crash stopped the others) is renamed out of the way, not deleted, and the best before it
+    (best.prev.pt) takes its place. Returns the set-aside path, or None."""
+    path, prev = network_dir(run_dir, network) / "best.pt", network_dir(run_dir, network) / "best.prev.pt"
+    if not path.exists() and prev.exists():  # stopped between save_best's two steps
+        os.replace(prev, path)
     if not path.exists():
         return None
-    try:
-        saved = load(path)["epoch"]
-    except CheckpointError:
-        saved = epoch + 1  # unreadable: set aside too, a new best replaces it
-    if saved <= epoch:
+    saved = _saved_epoch(path)
+    if saved is not None and saved <= epoch:
         return None
-    stale = path.with_name(f"best.epoch{saved:04d}.stale.pt")
+    stale = path.with_name(f"best.epoch{saved if saved is not None else epoch + 1:04d}.stale.pt")
     os.replace(path, stale)
+    prev_epoch = _saved_epoch(prev) if prev.exists() else None
+    if prev_epoch is not None and prev_epoch <= epoch:
+        os.replace(prev, path)
     return stale
+
+
+def remove_epochs_after(run_dir: str | Path, network: int, epoch: int) -> list[Path]:
+    """Resume points later than the epoch every network agreed on belong to a trajectory that
+    is trained again: they are removed, so that a later crash cannot mix them into this one."""
+    later = [p for e, p in epoch_files(run_dir, network) if e > epoch]
+    for p in later:
+        p.unlink()
+    return later
 
 
 def epoch_files(run_dir: str | Path, network: int) -> list[tuple[int, Path]]:
@@ -120,7 +149,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a graft checkpoint (format {obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r})")
     return obj
@@ -160,9 +190,14 @@ def restore_rng(state: dict) -> None:
 
 
 def check_setup(path: Path, saved: dict | None, current: dict) -> None:
-    """Raise CheckpointError listing every setting that differs from the checkpoint's."""
+    """Raise CheckpointError listing every setting that differs from the checkpoint's.
+
+    Only settings the checkpoint records are compared (one written before a setting existed
+    can still be resumed), and a recorded ``num_classes`` of 0 ("from the data") matches any.
+    """
     saved = saved or {}
-    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.items() if saved.get(k) != v]
+    diffs = [f"{k}: {saved[k]!r} in the checkpoint, {v!r} now" for k, v in current.items()
+             if k in saved and saved[k] != v and not (k == "num_classes" and saved[k] == 0)]
     if diffs:
         raise CheckpointError(f"{path}: cannot resume, the run was set up differently ({'; '.join(diffs)}); "
                               "restore those settings, or start afresh with resume=never")

@@ -103,9 +103,11 @@ class Config:
 
 
 # Settings that do not change what is trained: free to differ when a run is resumed.
+# (data.in_memory is not one: folder data in memory and through DataLoader workers is augmented
+# and normalised differently.) Paths may move: data.root, distill.teachers.
 RUNTIME = {"epochs", "eval_batch_size", "output_dir", "resume", "backend", "device", "timeout", "amp",
            "channels_last", "compile", "progress", "invalid_thresholds", "data.root", "data.download",
-           "data.workers", "data.cache_dir", "data.in_memory", "grafting.exchange"}
+           "data.workers", "data.cache_dir", "grafting.exchange", "distill.teachers"}
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

@@ -45,14 +45,15 @@ class TensorBoardLog:
     KEYS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "mean_alpha", "images_per_sec",
             "epoch_seconds", "graft_seconds")
 
-    def __init__(self, run_dir: str | Path, start_epoch: int = 0):
+    def __init__(self, run_dir: str | Path, purge_from: int = 0):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             self.writer = None
             return
-        # A resumed run drops the points it is about to write again (as metrics.jsonl does).
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_epoch or None)
+        # Drop the points from purge_from on, which this run writes (again, after a resume or
+        # when starting over), as metrics.jsonl does.
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_from)
 
     def write(self, records: list[dict]) -> None:
         if self.writer is None:

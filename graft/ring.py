@@ -144,12 +144,14 @@ def setup(replicas: int = 1, backend: str = "auto", device: str = "auto",
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout), device_id=dev if backend == "nccl" else None)
     if replicas > 1:
-        # Every rank must take part in creating every group.
+        # Every rank must take part in creating every group; a group does not inherit the
+        # default group's timeout (it would wait 30 min for a stopped peer).
+        wait = timedelta(seconds=timeout)
         for k in range(topo.networks):
-            group = dist.new_group(list(range(k * replicas, (k + 1) * replicas)))
+            group = dist.new_group(list(range(k * replicas, (k + 1) * replicas)), timeout=wait)
             if k == topo.network:
                 topo.network_group = group
-        topo.leader_group = dist.new_group([topo.leader_rank(k) for k in range(topo.networks)])
+        topo.leader_group = dist.new_group([topo.leader_rank(k) for k in range(topo.networks)], timeout=wait)
     else:
         topo.leader_group = dist.group.WORLD
     return topo

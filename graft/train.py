@@ -231,7 +231,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
         train_model = torch.compile(train_model)
 
     show = cfg.progress and topo.local_rank == 0 and sys.stderr.isatty()
-    tensorboard = TensorBoardLog(run_dir, start_epoch) if topo.rank == 0 else None
+    tensorboard = TensorBoardLog(run_dir, purge_from=start_epoch) if topo.rank == 0 else None
     thresholds = tuple(cfg.invalid_thresholds)
     g = cfg.grafting
     if pending_graft:
@@ -266,13 +266,14 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
                 record["entropy_table"] = result.table.tolist()
         else:
             record.update({"peer": None, "graft_seconds": 0.0, "graft_bytes": 0})
+        record["epoch_seconds"] = time.perf_counter() - epoch_start
         if topo.is_leader:  # the resume point: grafted weights, ready for the next epoch
             checkpoint.save_epoch(run_dir, topo.network, epoch, {
-                "setup": cfg.setup(networks), "best_acc": best, "grafted": grafted, "model": model.state_dict(),
+                "setup": cfg.setup(networks), "best_acc": best, "grafted": grafted, "record": record,
+                "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "rng": checkpoint.capture_rng(topo.device),
             })
-        record["epoch_seconds"] = time.perf_counter() - epoch_start
         records = ring.all_gather_objects(topo, record) if topo.is_leader else None
         if metrics is not None:
             metrics.write(records)
@@ -280,7 +281,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
             log(epoch_table(records, cfg.epochs, thresholds))
 
     summary = None
-    if metrics is not None:
+    if metrics is not None and metrics.read():
         summary = summarize(metrics.read())
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log(summary["table"])
@@ -325,6 +326,9 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
                 "usable checkpoint while others do; cannot resume consistently (resume=never starts afresh "
                 "in a new directory)")
         return 0, -1.0, False
+    if agreed + 1 > cfg.epochs:
+        raise ConfigError(f"epochs: {cfg.epochs}, but this run already completed {agreed + 1} epochs: nothing to "
+                          f"train (epochs >= {agreed + 1} resumes or extends it)")
     path = checkpoint.epoch_path(run_dir, topo.network, agreed)
     if not path.exists():
         raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
@@ -342,16 +346,24 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
         scaler.load_state_dict(state["scaler"])
     checkpoint.restore_rng(state["rng"])
     if topo.is_leader:
+        for later in checkpoint.remove_epochs_after(run_dir, topo.network, agreed):
+            log(f"rank {topo.rank}: removed {later}: an epoch after {agreed + 1}, which is trained again")
         stale = checkpoint.set_aside_best_after(run_dir, topo.network, agreed)
         if stale:
             log(f"rank {topo.rank}: {stale.name}: best.pt came from an epoch after {agreed + 1}, which is "
                 "trained again; set aside")
+        # The agreed epoch's records, in case the run stopped between its checkpoints and the metrics.
+        saved_records = ring.all_gather_objects(topo, state.get("record"))
     if metrics is not None:
         metrics.truncate(after_epoch=agreed)
+        have = {(r["epoch"], r["network"]) for r in metrics.read()}
+        metrics.write([r for r in saved_records if r and (r["epoch"], r["network"]) not in have])
         log(f"resuming after epoch {agreed + 1}/{cfg.epochs} (the newest epoch every network completed)")
-    pending_graft = not state.get("grafted", True) and cfg.grafting.enabled and topo.networks > 1 \
-        and agreed < cfg.epochs - 1
-    return agreed + 1, state.get("best_acc", -1.0), pending_graft
+    pending = not state.get("grafted", True) and cfg.grafting.enabled and topo.networks > 1 and agreed < cfg.epochs - 1
+    if len(set(ring.all_gather_objects(topo, pending, leaders_only=False))) > 1:
+        raise checkpoint.CheckpointError(f"{run_dir}: the networks' checkpoints of epoch {agreed} disagree on whether "
+                                         "it was grafted (files of two different runs?); cannot resume consistently")
+    return agreed + 1, state.get("best_acc", -1.0), pending
 
 
 def parse_args(argv=None):
@@ -367,7 +379,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    topo = None
+    topo, finished = None, False
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -377,7 +389,7 @@ def main(argv=None) -> int:
         _install_signal_handlers()
         run(cfg, topo)
         ring.arrive(topo, "end of run")  # nobody tears the group down under a peer still logging
-        ring.teardown(topo)
+        finished = True
         return 0
     except (ConfigError, ring.TopologyError, ring.PeerTimeout, ring.GraftError, checkpoint.CheckpointError,
             DataError, OSError, FloatingPointError, Stop) as e:
@@ -385,11 +397,20 @@ def main(argv=None) -> int:
         where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed and not named else ""
         print(f"graft: error: {where}{e}", file=sys.stderr, flush=True)
         return 1
-    except dist.DistError as e:  # a collective failed: almost always a peer that died first
+    except RuntimeError as e:  # a collective failed (gloo raises plain RuntimeErrors): a peer died first
+        if not (isinstance(e, dist.DistError) or (topo and topo.distributed and "gloo" in str(e))):
+            raise
         print(f"graft: error: rank {topo.rank if topo else '?'}: communication with the other ranks failed "
               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); a peer probably died first: see its log. "
               "Rerun the same command to resume.", file=sys.stderr, flush=True)
         return 1
+    finally:  # a late SIGTERM must not raise Stop inside the interpreter's exit
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # After an error too on gloo, whose live group aborts the interpreter's exit; NCCL's is
+        # left to the process exit, as destroying it could wait on a collective a dead peer never joins.
+        if topo is not None and (finished or topo.backend == "gloo"):
+            ring.teardown(topo)
 
 
 if __name__ == "__main__":

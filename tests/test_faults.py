@@ -145,6 +145,9 @@ def test_incompatible_resume_is_refused_and_nothing_changes(reference, tmp_path)
     assert proc.returncode != 0
     assert "optim.difflr: True in the checkpoint, False now; grafting.A: 0.4 in the checkpoint, 0.2 now" \
         in proc.stderr
+    proc = run(reference, overrides=["epochs=2"])
+    assert proc.returncode != 0
+    assert "epochs: 2, but this run already completed 3 epochs: nothing to train" in proc.stderr
     assert saved_files(reference) == before  # config.yaml, metrics, checkpoints: all as they were
 
 
@@ -157,6 +160,9 @@ def test_no_loadable_checkpoint_is_refused_not_restarted(reference, tmp_path):
     proc = run(out)
     assert proc.returncode != 0
     assert f"{checkpoint.network_dir(out, 1)}: none of the 2 epoch checkpoint(s) loads" in proc.stderr
+    # network 0, left alone in a collective, fails in one line too (no traceback, no abort)
+    assert "graft: error: rank 0: communication with the other ranks failed" in proc.stderr
+    assert "terminate called" not in proc.stderr
     assert saved_files(out) == before  # best.pt and the metrics of the run survive
 
 
@@ -175,6 +181,9 @@ def test_starting_over_keeps_the_earlier_metrics(reference, tmp_path):
 def test_extending_a_finished_run_follows_the_longer_schedule(reference, tmp_path):
     out = tmp_path / "extended"
     assert run(out, overrides=["epochs=2"]).returncode == 0
+    # As if it had been stopped between its last checkpoints and their metrics records:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] == 0))
     proc = run(out)  # epochs=3 now
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming after epoch 2/3" in proc.stdout
@@ -198,11 +207,23 @@ def test_epoch_files_pruning_best_set_aside_and_file_mode(tmp_path):
     assert not partial.exists()
     path = checkpoint.epoch_path(tmp_path, 0, 3)
     assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoint._umask()
+    checkpoint.save_best(tmp_path, 0, 1, 40.0, {}, {})
     checkpoint.save_best(tmp_path, 0, 5, 50.0, {}, {})
     assert checkpoint.set_aside_best_after(tmp_path, 0, 5) is None  # not after: kept
     stale = checkpoint.set_aside_best_after(tmp_path, 0, 3)
     assert stale.name == "best.epoch0005.stale.pt" and checkpoint.load(stale)["test_acc"] == 50.0
-    assert not (checkpoint.network_dir(tmp_path, 0) / "best.pt").exists()
+    best = checkpoint.load(checkpoint.network_dir(tmp_path, 0) / "best.pt")  # the one before it is back
+    assert (best["epoch"], best["test_acc"]) == (1, 40.0)
+    removed = checkpoint.remove_epochs_after(tmp_path, 0, 3)
+    assert [p.name for p in removed] == ["epoch0005.pt", "epoch0006.pt"]
+    assert [e for e, _ in checkpoint.epoch_files(tmp_path, 0)] == [2, 3]
+
+
+def test_setup_check_compares_what_the_checkpoint_recorded(tmp_path):
+    current = {"model": "resnet8", "num_classes": 10, "batch_size": 50}
+    checkpoint.check_setup(tmp_path, {"model": "resnet8", "num_classes": 0}, current)  # older, shorter setup
+    with pytest.raises(checkpoint.CheckpointError, match="batch_size: 64 in the checkpoint, 50 now"):
+        checkpoint.check_setup(tmp_path, {"model": "resnet8", "batch_size": 64}, current)
 
 
 def test_resume_never_starts_afresh_elsewhere(reference):
