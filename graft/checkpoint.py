@@ -152,7 +152,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
         why = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a graft checkpoint (format {obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r})")
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: not a graft checkpoint (format {found!r})")
     return obj
 
 

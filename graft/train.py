@@ -148,6 +148,15 @@ def ensemble_accuracy(topo: ring.Topology, probs: torch.Tensor, labels: torch.Te
     return accuracy(probs, labels)
 
 
+def graft(model: nn.Module, plan: core.GraftPlan, cfg: Config, topo: ring.Topology, epoch: int) -> ring.GraftResult:
+    """Graft ``model`` in place from its ring peer (collective: every rank calls it)."""
+    g = cfg.grafting
+    new_state, result = ring.graft_step(topo, model.state_dict(), plan, epoch=epoch, level=g.level, A=g.A, c=g.c,
+                                        bins=g.bins, exchange=g.exchange)
+    model.load_state_dict(new_state)
+    return result
+
+
 def make_loaders(cfg: Config, topo: ring.Topology):
     # Data order differs per network (not per replica), except in mutual distillation, where
     # every network must see the same batch to distill from the others' predictions on it.
@@ -233,11 +242,8 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     show = cfg.progress and topo.local_rank == 0 and sys.stderr.isatty()
     tensorboard = TensorBoardLog(run_dir, purge_from=start_epoch) if topo.rank == 0 else None
     thresholds = tuple(cfg.invalid_thresholds)
-    g = cfg.grafting
     if pending_graft:
-        new_state, _ = ring.graft_step(topo, model.state_dict(), plan, epoch=start_epoch - 1, level=g.level,
-                                       A=g.A, c=g.c, bins=g.bins, exchange=g.exchange)
-        model.load_state_dict(new_state)
+        graft(model, plan, cfg, topo, start_epoch - 1)
         if topo.rank == 0:
             log(f"grafted after epoch {start_epoch}: it was the last epoch of the run now extended")
     for epoch in range(start_epoch, cfg.epochs):
@@ -256,9 +262,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
                 checkpoint.save_best(run_dir, topo.network, epoch, best, cfg.setup(networks), model.state_dict())
         grafted = grafting and epoch < cfg.epochs - 1
         if grafted:
-            new_state, result = ring.graft_step(topo, model.state_dict(), plan, epoch=epoch, level=g.level,
-                                                A=g.A, c=g.c, bins=g.bins, exchange=g.exchange)
-            model.load_state_dict(new_state)
+            result = graft(model, plan, cfg, topo, epoch)
             record.update({"peer": result.peer, "graft_seconds": result.seconds, "graft_bytes": result.bytes})
             if result.report is not None:
                 record["mean_alpha"] = result.report.mean_alpha()
