@@ -24,6 +24,7 @@ import io
 import math
 import os
 import posixpath
+import sys
 import tarfile
 import tempfile
 import zlib
@@ -214,13 +215,11 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
         raise FileNotFoundError(f"data.root: no such file or directory: {path} "
                                 "(expected a .tar.gz of train/ and test/ ImageFolder trees)")
     cache_dir = os.path.expanduser(cache_dir or "~/.cache/graft")
-    cache = os.path.join(cache_dir, f"{_sha256(path)[:16]}-{image_size}px.pt")
+    cache = os.path.join(cache_dir, f"{_sha256(path)[:16]}-{image_size}px-v{_CACHE_VERSION}.pt")
     if os.path.isfile(cache):
         try:
-            blob = torch.load(cache, map_location="cpu", weights_only=True)
-            return (ArraySplit(blob["train_images"], blob["train_labels"]),
-                    ArraySplit(blob["test_images"], blob["test_labels"]), len(blob["classes"]))
-        except Exception:  # a damaged cache is rebuilt below rather than trusted
+            return _read_cache(cache, image_size)
+        except Exception:  # a damaged or foreign cache is rebuilt below rather than trusted
             pass
 
     try:
@@ -229,6 +228,8 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
             files = {}
             for member in tar:
                 name = posixpath.normpath(member.name)
+                if name == ".":  # the root of an archive made with tar -C dir .
+                    continue
                 if member.isdir():
                     files.setdefault(name + "/", None)
                 elif member.isfile():
@@ -239,19 +240,44 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
     tree = _split_tree(files, path)
     train, test, classes = _decode_tree(tree, path, image_size, lambda key: files[key])
 
-    os.makedirs(cache_dir, exist_ok=True)
     blob = {"train_images": train.images, "train_labels": train.labels,
             "test_images": test.images, "test_labels": test.labels, "classes": classes}
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".pt")
+    try:
+        _write_cache(blob, cache)
+    except OSError as e:  # the cache only saves time: train on, and say why it is missing
+        print(f"graft: warning: data.cache_dir: cannot write the decoded data to {cache} ({e.strerror or e}); "
+              "every run will decode the archive again", file=sys.stderr, flush=True)
+    return train, test, len(classes)
+
+
+_CACHE_VERSION = 2  # raise when decoding changes: old cache files are then ignored
+
+
+def _read_cache(cache: str, image_size: int) -> tuple[ArraySplit, ArraySplit, int]:
+    blob = torch.load(cache, map_location="cpu", weights_only=True)
+    splits = []
+    for split in SPLITS:
+        images, labels = blob[f"{split}_images"], blob[f"{split}_labels"]
+        if (images.dtype != torch.uint8 or images.shape[1:] != (3, image_size, image_size)
+                or len(images) != len(labels) or len(labels) == 0
+                or not 0 <= int(labels.min()) <= int(labels.max()) < len(blob["classes"])):
+            raise ValueError(f"{cache}: not a decoded {split} split")
+        splits.append(ArraySplit(images, labels))
+    return splits[0], splits[1], len(blob["classes"])
+
+
+def _write_cache(blob: dict, cache: str) -> None:
+    """Atomically: concurrent ranks never read a half-written cache."""
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), prefix=".tmp-", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(blob, f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, cache)  # atomic: concurrent ranks never read a half-written cache
+        os.replace(tmp, cache)
     except BaseException:
         os.unlink(tmp)
         raise
-    return train, test, len(classes)
 
 
 def _check_gzip(path: str) -> None:
@@ -295,14 +321,21 @@ def _strip_top_level(files: dict) -> dict:
 
 
 def _split_tree(files: dict, where: str) -> dict[str, dict[str, list[str]]]:
-    """{split: {class: sorted image keys}} from the archive's paths ("dir/" keys mark folders)."""
+    """{split: {class: sorted image keys}} from the archive's paths ("dir/" keys mark folders).
+
+    As torchvision's ImageFolder: a class is a folder under the split (hidden ones, such as
+    .ipynb_checkpoints, are skipped), its images are found at any depth below it, and stray
+    files next to the class folders are ignored.
+    """
     tree: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
     for key in files:
         parts = key.rstrip("/").split("/")
-        if parts[0] not in tree or len(parts) < 2:
+        if parts[0] not in tree or len(parts) < 2 or parts[1].startswith("."):
+            continue
+        if len(parts) == 2 and not key.endswith("/"):  # a file beside the class folders
             continue
         images = tree[parts[0]].setdefault(parts[1], [])
-        if len(parts) == 3 and not key.endswith("/") and key.lower().endswith(IMG_EXTENSIONS):
+        if len(parts) >= 3 and not key.endswith("/") and key.lower().endswith(IMG_EXTENSIONS):
             images.append(key)
     for split in SPLITS:
         if not tree[split]:
@@ -390,7 +423,8 @@ class InMemoryLoader:
     takes every ``group_size``-th entry from ``rank_in_group`` on, so they see disjoint data.
     In train mode the permutation is cut to a multiple of ``group_size`` (every replica runs
     the same number of steps); in eval mode nothing is dropped (replicas sum their counts).
-    ``batch_size`` is the per-replica batch.
+    ``batch_size`` is the per-replica batch. A last training batch of a single image is
+    dropped (BatchNorm cannot train on one value per channel, e.g. torchvision models at 32 px).
     """
 
     PAD = 4
@@ -428,7 +462,11 @@ class InMemoryLoader:
 
     def __len__(self) -> int:
         n = self._num_local()
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.drop_last:
+            return n // self.batch_size
+        if self.train and n % self.batch_size == 1 and n > 1:
+            return n // self.batch_size  # a last batch of one image: BatchNorm cannot train on it
+        return math.ceil(n / self.batch_size)
 
     def indices(self) -> Tensor:
         """This replica's sample indices for the current epoch, in batch order (CPU)."""

@@ -128,15 +128,15 @@ def epoch_table(records: list[dict], epochs: int, thresholds) -> str:
 
 def summarize(records: list[dict]) -> dict:
     """Final and best test accuracy per network and of the ensemble; mean and spread."""
-    by_net: dict[int, list[dict]] = {}
-    for r in records:
-        by_net.setdefault(r["network"], []).append(r)
-    nets = {}
-    for k, rs in sorted(by_net.items()):
-        rs.sort(key=lambda r: r["epoch"])
+    by_net: dict[int, dict[int, dict]] = {}
+    for r in records:  # a (network, epoch) written twice counts once: the later record
+        by_net.setdefault(r["network"], {})[r["epoch"]] = r
+    nets, ens = {}, []
+    for k, per_epoch in sorted(by_net.items()):
+        rs = [per_epoch[e] for e in sorted(per_epoch)]
         nets[k] = {"final_acc": rs[-1]["test_acc"], "best_acc": max(r["test_acc"] for r in rs),
                    "best_epoch": max(rs, key=lambda r: r["test_acc"])["epoch"], "epochs": len(rs)}
-    ens = [r["ensemble_acc"] for r in by_net[min(by_net)]]
+        ens = ens or [r["ensemble_acc"] for r in rs]
     finals = [n["final_acc"] for n in nets.values()]
     bests = [n["best_acc"] for n in nets.values()]
 

@@ -115,16 +115,16 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scal
 def evaluate(model, loader, autocast, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Loss and accuracy, plus the softmax outputs (for the ensemble) and labels."""
     model.eval()
-    probs, labels_all, loss_sum = [], [], 0.0
+    probs, labels_all, loss_sum = [], [], torch.zeros((), device=device)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast():
             outputs = model(images).float()
-        loss_sum += F.cross_entropy(outputs, labels, reduction="sum").item()
+        loss_sum += F.cross_entropy(outputs, labels, reduction="sum")  # no host sync per batch
         probs.append(outputs.softmax(1))
         labels_all.append(labels)
     probs, labels = torch.cat(probs), torch.cat(labels_all)
-    return {"test_loss": loss_sum / len(labels), "test_acc": accuracy(probs, labels)}, probs, labels
+    return {"test_loss": loss_sum.item() / len(labels), "test_acc": accuracy(probs, labels)}, probs, labels
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -123,6 +123,35 @@ def test_top_level_folder_is_stripped(tmp_path):
     assert train.images[1, 0].float().mean().item() == pytest.approx(40, abs=1)
 
 
+def test_tree_reads_like_imagefolder(tmp_path):
+    """Stray files beside the class folders and hidden folders are ignored, nested images
+    count, and an archive made with ``tar -C dir .`` (a "./" root) is read like any other."""
+    files = {f"./cifar/{s}/{c}/0.png": png_bytes(i * 40, (32, 32))
+             for s in ("train", "test") for i, c in enumerate(["a", "b"])}
+    files.update({"./cifar/train/.DS_Store": b"junk", "./cifar/train/README": b"notes",
+                  "./cifar/train/.ipynb_checkpoints/x.png": png_bytes(0), "./cifar/train/b/sub/1.png": png_bytes(99)})
+    path = make_tar(tmp_path / "messy.tar.gz", files, dirs=["."])
+    train, test, n, *_ = load_arrays(DataConfig(name="tar", root=str(path), cache_dir=str(tmp_path)))
+    assert n == 2 and train.labels.tolist() == [0, 1, 1] and test.labels.tolist() == [0, 1]
+
+
+def test_unwritable_cache_is_a_warning(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    train, *_ = load_arrays(DataConfig(name="tar", root=str(FIXTURE), cache_dir=str(blocker / "cache")))
+    assert len(train.labels) == 1000
+    assert "graft: warning: data.cache_dir: cannot write the decoded data" in capsys.readouterr().err
+
+
+def test_a_foreign_cache_file_is_rebuilt(tmp_path):
+    cfg = tar_cfg(tmp_path)
+    load_arrays(cfg)
+    (cache,) = (tmp_path / "cache").glob("*.pt")
+    torch.save({"train_images": torch.zeros(3, 3, 3, 3), "train_labels": torch.zeros(1)}, cache)
+    train, *_ = load_arrays(cfg)
+    assert train.images.shape == (1000, 3, 32, 32)
+
+
 def test_subsets_are_balanced_and_first_k(tmp_path, full):
     train, test, *_ = load_arrays(tar_cfg(tmp_path, train_subset=200, test_subset=55))
     assert torch.bincount(train.labels).tolist() == [20] * 10
@@ -239,6 +268,9 @@ def test_loader_lengths():
     assert len(InMemoryLoader(split, 64, train=True, device="cpu", **IDENTITY)) == 5
     loader = InMemoryLoader(split, 64, train=True, device="cpu", drop_last=True, **IDENTITY)
     assert len(loader) == 4 and len(list(loader)) == 4
+    # A last training batch of a single image is dropped; in evaluation nothing is.
+    assert [len(y) for _, y in InMemoryLoader(id_split(129), 64, train=True, device="cpu", **IDENTITY)] == [64, 64]
+    assert [len(y) for _, y in InMemoryLoader(id_split(129), 64, train=False, device="cpu", **IDENTITY)] == [64, 64, 1]
 
 
 def test_eval_order_fixed_and_normalized(full):

@@ -1,0 +1,26 @@
+"""The run summary: final and best accuracy per network, the ensemble's, mean and spread."""
+
+import pytest
+
+from graft.report import summarize
+
+
+def record(network, epoch, test_acc, ensemble_acc):
+    return {"network": network, "epoch": epoch, "test_acc": test_acc, "ensemble_acc": ensemble_acc}
+
+
+def test_final_is_the_last_epoch_and_best_the_maximum():
+    records = [record(1, 2, 50.0, 61.0), record(0, 0, 40.0, 45.0), record(1, 0, 42.0, 45.0),
+               record(0, 1, 60.0, 62.0), record(1, 1, 55.0, 62.0), record(0, 2, 58.0, 61.0),
+               record(0, 2, 57.0, 61.0)]  # epoch 2 of network 0 written twice: the later counts
+    s = summarize(records)
+    assert s["networks"]["0"] == {"final_acc": 57.0, "best_acc": 60.0, "best_epoch": 1, "epochs": 3}
+    assert s["networks"]["1"] == {"final_acc": 50.0, "best_acc": 55.0, "best_epoch": 1, "epochs": 3}
+    assert s["final_acc_mean"] == pytest.approx(53.5) and s["final_acc_std"] == pytest.approx(4.9497, abs=1e-4)
+    assert (s["ensemble_final_acc"], s["ensemble_best_acc"]) == (61.0, 62.0)
+    assert "       0   57.00   60.00          2" in s["table"]  # epochs print from 1
+
+
+def test_one_network_has_no_spread():
+    s = summarize([record(0, 0, 30.0, 30.0), record(0, 1, 35.0, 35.0)])
+    assert (s["final_acc_std"], s["best_acc_std"], s["final_acc_mean"]) == (0.0, 0.0, 35.0)
