@@ -81,7 +81,7 @@ class Config:
     backend: str = "auto"         # auto | nccl | gloo
     device: str = "auto"          # auto | cpu | cuda
     timeout: float = 1800.0       # seconds a rank waits for its peers at an epoch boundary
-    amp: str = "off"              # off | bf16 | fp16 (CUDA only)
+    amp: str = "off"              # off | bf16 (CUDA or CPU) | fp16 (CUDA, with a GradScaler)
     channels_last: bool = True
     compile: bool = False
     progress: bool = True         # tqdm bar on each node's local rank 0

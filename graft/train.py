@@ -204,7 +204,9 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr0, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scheduler, per_iter = build_scheduler(cfg, optimizer, len(train_loader))
-    use_amp = cfg.amp != "off" and topo.device.type == "cuda"
+    use_amp = cfg.amp != "off"
+    if cfg.amp == "fp16" and topo.device.type != "cuda":
+        raise ConfigError("amp: fp16 needs CUDA; on the CPU use amp=bf16 (fast where the CPU has AVX512-BF16 or AMX)")
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and cfg.amp == "fp16" else None
 

@@ -95,6 +95,15 @@ def test_one_network_is_the_baseline(tmp_path):
     assert [r["peer"] for r in records(out)] == [None]
 
 
+def test_bf16_autocast_on_the_cpu(tmp_path):
+    proc, out = train(tmp_path, 1, "epochs=1", "amp=bf16", "grafting.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = records(out)
+    assert 0 < r["train_loss"] < 10 and 0 <= r["test_acc"] <= 100
+    proc, _ = train(tmp_path, 1, "epochs=1", "amp=fp16", name="fp16")
+    assert proc.returncode != 0 and "amp: fp16 needs CUDA; on the CPU use amp=bf16" in proc.stderr
+
+
 def test_bad_config_fails_fast_naming_the_key(tmp_path):
     proc, out = train(tmp_path, 1, "grafting.A=3")
     assert proc.returncode != 0
