@@ -101,11 +101,13 @@ class MetricsLog:
         os.replace(self.path, aside)
         return aside
 
-    def truncate(self, after_epoch: int) -> None:
+    def truncate(self, after_epoch: int) -> list[dict]:
+        """Drop the records after ``after_epoch``; returns the records kept."""
         keep = [r for r in self.read() if r["epoch"] <= after_epoch]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)
+        return keep
 
 
 def epoch_table(records: list[dict], epochs: int, thresholds) -> str:

@@ -287,8 +287,9 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
             log(epoch_table(records, cfg.epochs, thresholds))
 
     summary = None
-    if metrics is not None and metrics.read():
-        summary = summarize(metrics.read())
+    records = metrics.read() if metrics is not None else []
+    if records:
+        summary = summarize(records)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log(summary["table"])
     return summary
@@ -361,8 +362,7 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
         # The agreed epoch's records, in case the run stopped between its checkpoints and the metrics.
         saved_records = ring.all_gather_objects(topo, state.get("record"))
     if metrics is not None:
-        metrics.truncate(after_epoch=agreed)
-        have = {(r["epoch"], r["network"]) for r in metrics.read()}
+        have = {(r["epoch"], r["network"]) for r in metrics.truncate(after_epoch=agreed)}
         metrics.write([r for r in saved_records if r and (r["epoch"], r["network"]) not in have])
         log(f"resuming after epoch {agreed + 1}/{cfg.epochs} (the newest epoch every network completed)")
     pending = not state.get("grafted", True) and cfg.grafting.enabled and topo.networks > 1 and agreed < cfg.epochs - 1
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         return 0
     except (ConfigError, ring.TopologyError, ring.PeerTimeout, ring.GraftError, checkpoint.CheckpointError,
             DataError, OSError, FloatingPointError, Stop) as e:
-        named = str(e).startswith(f"rank {topo.rank}") if topo else False  # ring errors name the rank
+        named = isinstance(e, (ring.PeerTimeout, ring.GraftError))  # the ring's errors name their rank
         where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed and not named else ""
         print(f"graft: error: {where}{e}", file=sys.stderr, flush=True)
         return 1
