@@ -96,7 +96,8 @@ def main():
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
 
-    train, _, _, mean, std = load_arrays(DataConfig(name="tar", root=args.data, train_subset=128 * 20))
+    data = load_arrays(DataConfig(name="tar", root=args.data, train_subset=128 * 20))
+    train, mean, std = data.train, data.mean, data.std
     rows = ["| model | ours, channels_last (img/s) | ours, NCHW (img/s) | ours, amp=bf16 (img/s) | "
             "reference loop (img/s) | ours / reference (median of pairs) | ours bf16 / reference |",
             "|---|---|---|---|---|---|---|"]

@@ -84,15 +84,17 @@ def save_epoch(run_dir: str | Path, network: int, epoch: int, payload: dict, kee
     return path
 
 
-def save_best(run_dir: str | Path, network: int, epoch: int, test_acc: float, setup: dict, model: dict) -> Path:
-    """The best evaluated weights; ``setup`` names the model, so the file can serve as a teacher.
+def save_best(run_dir: str | Path, network: int, epoch: int, acc: float, split: str, setup: dict,
+              model: dict) -> Path:
+    """The best evaluated weights (``acc`` on ``split``: test, or val when the run selects on a
+    validation split); ``setup`` names the model, so the file can serve as a teacher.
 
     The best before it is kept as best.prev.pt: a resume that trains this epoch again (another
     network died in it) puts that one back (``set_aside_best_after``).
     """
     path = network_dir(run_dir, network) / "best.pt"
     new = path.with_name("best.new.pt")  # written in full first: a full disk changes nothing
-    atomic_save({"format": FORMAT, "network": network, "epoch": epoch, "test_acc": test_acc, "setup": setup,
+    atomic_save({"format": FORMAT, "network": network, "epoch": epoch, "acc": acc, "split": split, "setup": setup,
                  "model": model}, new)
     if path.exists():
         os.replace(path, path.with_name("best.prev.pt"))

@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ __all__ = [
     "NAMES",
     "DataError",
     "ArraySplit",
+    "Splits",
     "load_arrays",
     "balanced_subset",
     "InMemoryLoader",
@@ -88,13 +89,26 @@ class ArraySplit:
 # --------------------------------------------------------------------------------------------
 
 
-def load_arrays(cfg: "DataConfig") -> tuple[ArraySplit, ArraySplit, int, tuple, tuple]:
-    """Return (train, eval, num_classes, mean, std) for in-memory data.
+class Splits(NamedTuple):
+    """What ``load_arrays`` returns. ``eval`` is the split evaluated every epoch (``eval_split``);
+    ``test`` is the test split, also when ``eval`` is the validation split, so that a run that
+    selects on validation can still report the test set once, at its end."""
+
+    train: ArraySplit
+    eval: ArraySplit
+    num_classes: int
+    mean: tuple
+    std: tuple
+    test: ArraySplit
+
+
+def load_arrays(cfg: "DataConfig") -> Splits:
+    """Return (train, eval, num_classes, mean, std, test) for in-memory data.
 
     Order of operations: ``train_subset``/``test_subset`` first (first k per class in file or
     index order), then ``val_fraction`` is held out of what remains of train (the last images
     of each class). Whenever ``val_fraction > 0`` train excludes the validation images;
-    ``eval_split`` only chooses which split is returned for evaluation.
+    ``eval_split`` only chooses which split is evaluated every epoch.
 
     mean/std are per-channel, in [0, 1] units: the usual constants for cifar10, computed from
     the returned training images otherwise.
@@ -130,7 +144,7 @@ def load_arrays(cfg: "DataConfig") -> tuple[ArraySplit, ArraySplit, int, tuple, 
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     else:
         mean, std = channel_stats(train.images)
-    return train, (val if cfg.eval_split == "val" else test), num_classes, mean, std
+    return Splits(train, val if cfg.eval_split == "val" else test, num_classes, mean, std, test)
 
 
 def _rank_in_class(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -530,8 +544,9 @@ class EpochLoader(DataLoader):
 
 
 def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_in_group: int = 0,
-                         group_size: int = 1) -> tuple[DataLoader, DataLoader, int]:
-    """(train_loader, eval_loader, num_classes) for an ImageFolder tree too big for memory.
+                         group_size: int = 1) -> tuple[DataLoader, DataLoader, int, DataLoader]:
+    """(train_loader, eval_loader, num_classes, test_loader) for an ImageFolder tree too big for
+    memory (``test_loader`` is ``eval_loader`` unless ``eval_split`` is 'val').
 
     The train loader always uses a ``DistributedSampler`` (num_replicas=group_size,
     rank=rank_in_group, seed=seed; also for group_size 1), so the order is a function of
@@ -575,17 +590,16 @@ def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_
     if cfg.val_fraction > 0:
         is_val = _holdout_mask(train_labels[kept], cfg.val_fraction, num_classes)
         train_idx, val_idx = kept[~is_val], kept[is_val]
+    if cfg.test_subset:
+        test_labels = torch.as_tensor(test_ds.targets)
+        mask = balanced_subset(test_labels, cfg.test_subset, num_classes)
+        test_ds = Subset(test_ds, mask.nonzero().squeeze(1).tolist())
+    eval_ds = test_ds
     if cfg.eval_split == "val":
         if cfg.val_fraction <= 0:
             raise DataError("data.eval_split: 'val' needs data.val_fraction > 0")
         eval_ds = Subset(folder(os.path.join(cfg.root, "train"), transform=eval_tf),
                          val_idx.tolist())
-    else:
-        eval_ds = test_ds
-        if cfg.test_subset:
-            test_labels = torch.as_tensor(test_ds.targets)
-            mask = balanced_subset(test_labels, cfg.test_subset, num_classes)
-            eval_ds = Subset(test_ds, mask.nonzero().squeeze(1).tolist())
     if len(train_idx) < len(train_labels):
         train_ds = Subset(train_ds, train_idx.tolist())
 
@@ -598,4 +612,7 @@ def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_
     # Every network evaluates the whole eval split on its leader rank (see graft.train), so the
     # eval loader is not sharded across replicas.
     eval_loader = EpochLoader(eval_ds, batch_size=batch_size, shuffle=False, **common)
-    return train_loader, eval_loader, num_classes
+    test_loader = eval_loader
+    if eval_ds is not test_ds:
+        test_loader = EpochLoader(test_ds, batch_size=batch_size, shuffle=False, **common)
+    return train_loader, eval_loader, num_classes, test_loader

@@ -42,7 +42,8 @@ class Progress:
 class TensorBoardLog:
     """Scalars per network per epoch, when tensorboard is installed (rank 0 only)."""
 
-    KEYS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "mean_alpha", "images_per_sec",
+    KEYS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "mean_alpha",
+            "images_per_sec",
             "epoch_seconds", "graft_seconds")
 
     def __init__(self, run_dir: str | Path, purge_from: int = 0):
@@ -110,34 +111,44 @@ class MetricsLog:
         return keep
 
 
+def eval_split(record: dict) -> str:
+    """The split a record was evaluated on: 'val' when the run selects on validation, else 'test'."""
+    return "val" if "val_acc" in record else "test"
+
+
 def epoch_table(records: list[dict], epochs: int, thresholds) -> str:
     """The table rank 0 prints after every epoch: one row per network."""
     records = sorted(records, key=lambda r: r["network"])
     epoch = records[0]["epoch"]
+    split = eval_split(records[0])
     thr = [str(float(t)) for t in thresholds]
     head = (f"epoch {epoch + 1}/{epochs}  ensemble acc {records[0].get('ensemble_acc', float('nan')):.2f}%\n"
-            f"{'net':>3} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'alpha':>6} "
+            f"{'net':>3} {'lr':>8} {'loss':>7} {'train%':>7} {split + '%':>7} {'alpha':>6} "
             + " ".join(f"{'inv<' + t:>9}" for t in thr) + f" {'img/s':>7} {'epoch s':>8} {'graft s':>8}")
     rows = [head]
     for r in records:
         alpha = r.get("mean_alpha")
         inv = " ".join(f"{r['invalid_filters'][t]:>4}/{r['filters']:<4}" for t in thr)
         rows.append(f"{r['network']:>3} {r['lr']:>8.4f} {r['train_loss']:>7.3f} {r['train_acc']:>7.2f} "
-                    f"{r['test_acc']:>7.2f} {'-' if alpha is None else format(alpha, '.3f'):>6} {inv} "
+                    f"{r[split + '_acc']:>7.2f} {'-' if alpha is None else format(alpha, '.3f'):>6} {inv} "
                     f"{r['images_per_sec']:>7.0f} {r['epoch_seconds']:>8.2f} {r['graft_seconds']:>8.3f}")
     return "\n".join(rows)
 
 
-def summarize(records: list[dict]) -> dict:
-    """Final and best test accuracy per network and of the ensemble; mean and spread."""
+def summarize(records: list[dict], test: dict | None = None) -> dict:
+    """Final and best accuracy on the evaluated split, per network and of the ensemble; mean and
+    spread. ``test`` (runs that select on validation) is the end-of-run test evaluation of the
+    final and the best-validation weights (``train.final_test``); it is kept as ``summary["test"]``."""
     by_net: dict[int, dict[int, dict]] = {}
     for r in records:  # a (network, epoch) written twice counts once: the later record
         by_net.setdefault(r["network"], {})[r["epoch"]] = r
+    split = eval_split(records[0])
+    key = f"{split}_acc"
     nets, ens = {}, []
     for k, per_epoch in sorted(by_net.items()):
         rs = [per_epoch[e] for e in sorted(per_epoch)]
-        nets[k] = {"final_acc": rs[-1]["test_acc"], "best_acc": max(r["test_acc"] for r in rs),
-                   "best_epoch": max(rs, key=lambda r: r["test_acc"])["epoch"], "epochs": len(rs)}
+        nets[k] = {"final_acc": rs[-1][key], "best_acc": max(r[key] for r in rs),
+                   "best_epoch": max(rs, key=lambda r: r[key])["epoch"], "epochs": len(rs)}
         ens = ens or [r["ensemble_acc"] for r in rs]
     finals = [n["final_acc"] for n in nets.values()]
     bests = [n["best_acc"] for n in nets.values()]
@@ -146,15 +157,24 @@ def summarize(records: list[dict]) -> dict:
         return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
     summary = {
+        "split": split,
         "networks": {str(k): v for k, v in nets.items()},
         "final_acc_mean": statistics.mean(finals), "final_acc_std": spread(finals),
         "best_acc_mean": statistics.mean(bests), "best_acc_std": spread(bests),
         "ensemble_final_acc": ens[-1], "ensemble_best_acc": max(ens),
     }
-    lines = ["summary (test accuracy, %)", f"{'network':>8} {'final':>7} {'best':>7} {'best epoch':>10}"]
+    lines = [f"summary ({'validation' if split == 'val' else 'test'} accuracy, %)",
+             f"{'network':>8} {'final':>7} {'best':>7} {'best epoch':>10}"]
     lines += [f"{k:>8} {v['final_acc']:>7.2f} {v['best_acc']:>7.2f} {v['best_epoch'] + 1:>10}" for k, v in nets.items()]
     lines.append(f"{'mean':>8} {summary['final_acc_mean']:>7.2f} {summary['best_acc_mean']:>7.2f}"
                  f"   (std {summary['final_acc_std']:.2f} / {summary['best_acc_std']:.2f})")
     lines.append(f"{'ensemble':>8} {summary['ensemble_final_acc']:>7.2f} {summary['ensemble_best_acc']:>7.2f}")
+    if test is not None:
+        summary["test"] = test
+        lines += ["test accuracy, % (once, at the end)", f"{'network':>8} {'final':>7} {'best val':>9}"]
+        lines += [f"{k:>8} {v['final_test_acc']:>7.2f} {v['best_val_test_acc']:>9.2f}"
+                  for k, v in sorted(test["networks"].items(), key=lambda kv: int(kv[0]))]
+        lines.append(f"{'ensemble':>8} {test['ensemble_final_test_acc']:>7.2f} "
+                     f"{test['ensemble_best_val_test_acc']:>9.2f}")
     summary["table"] = "\n".join(lines)
     return summary

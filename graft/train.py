@@ -112,8 +112,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scal
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Loss and accuracy, plus the softmax outputs (for the ensemble) and labels."""
+def evaluate(model, loader, autocast, device, split: str = "test") -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Loss and accuracy (keys named after ``split``), plus the softmax outputs (for the
+    ensemble) and labels."""
     model.eval()
     probs, labels_all, loss_sum = [], [], torch.zeros((), device=device)
     for images, labels in loader:
@@ -124,7 +125,7 @@ def evaluate(model, loader, autocast, device) -> tuple[dict, torch.Tensor, torch
         probs.append(outputs.softmax(1))
         labels_all.append(labels)
     probs, labels = torch.cat(probs), torch.cat(labels_all)
-    return {"test_loss": loss_sum.item() / len(labels), "test_acc": accuracy(probs, labels)}, probs, labels
+    return {f"{split}_loss": loss_sum.item() / len(labels), f"{split}_acc": accuracy(probs, labels)}, probs, labels
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -132,9 +133,9 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * int((probs.argmax(1) == labels).sum()) / len(labels)
 
 
-def evaluate_network(model, loader, autocast, topo: ring.Topology, thresholds) -> dict:
-    """Test loss and accuracy, the ensemble's accuracy and the invalid-filter counts (leaders)."""
-    stats, probs, labels = evaluate(model, loader, autocast, topo.device)
+def evaluate_network(model, loader, autocast, topo: ring.Topology, thresholds, split: str) -> dict:
+    """Loss and accuracy on ``split``, the ensemble's accuracy and the invalid-filter counts (leaders)."""
+    stats, probs, labels = evaluate(model, loader, autocast, topo.device, split)
     invalid = core.count_invalid_filters(model, thresholds)
     return {**stats, "ensemble_acc": ensemble_accuracy(topo, probs, labels), "filters": invalid["total"],
             "invalid_filters": {str(t): n for t, n in invalid["invalid"].items()}}
@@ -148,6 +149,25 @@ def ensemble_accuracy(topo: ring.Topology, probs: torch.Tensor, labels: torch.Te
     return accuracy(probs, labels)
 
 
+@torch.no_grad()
+def final_test(model: nn.Module, test_loader, autocast, topo: ring.Topology, run_dir: Path) -> dict | None:
+    """The test set, once, at the end of a run that selected on validation (``eval_split: val``):
+    the final weights and the best-validation weights (best.pt), each network and the ensemble.
+    Collective over the leaders; returns the result on rank 0, None elsewhere."""
+    final, probs, labels = evaluate(model, test_loader, autocast, topo.device)
+    best = checkpoint.load(checkpoint.network_dir(run_dir, topo.network) / "best.pt")
+    model.load_state_dict(best["model"])  # the run is over: the final weights are in their checkpoint
+    chosen, best_probs, _ = evaluate(model, test_loader, autocast, topo.device)
+    mine = {"network": topo.network, "final_test_acc": final["test_acc"], "best_val_epoch": best["epoch"],
+            "best_val_acc": best.get("acc", best.get("test_acc")), "best_val_test_acc": chosen["test_acc"]}
+    ensemble = {"ensemble_final_test_acc": ensemble_accuracy(topo, probs, labels),
+                "ensemble_best_val_test_acc": ensemble_accuracy(topo, best_probs, labels)}
+    everyone = ring.all_gather_objects(topo, mine)
+    if topo.rank != 0:
+        return None
+    return {"networks": {str(r["network"]): r for r in everyone}, **ensemble}
+
+
 def graft(model: nn.Module, plan: core.GraftPlan, cfg: Config, topo: ring.Topology, epoch: int) -> ring.GraftResult:
     """Graft ``model`` in place from its ring peer (collective: every rank calls it)."""
     g = cfg.grafting
@@ -158,22 +178,26 @@ def graft(model: nn.Module, plan: core.GraftPlan, cfg: Config, topo: ring.Topolo
 
 
 def make_loaders(cfg: Config, topo: ring.Topology):
+    """(train, eval, num_classes, test): ``test`` is None unless the run evaluates on validation
+    every epoch and the test set at its end."""
     # Data order differs per network (not per replica), except in mutual distillation, where
     # every network must see the same batch to distill from the others' predictions on it.
     data_seed = cfg.seed if cfg.distill.mutual else cfg.seed + 1000 * topo.network
     if cfg.data.in_memory:
         if topo.local_rank == 0:  # decode (and cache) once per node; the other ranks read the cache
-            train, held, num_classes, mean, std = load_arrays(cfg.data)
+            data = load_arrays(cfg.data)
         ring.arrive(topo, "data ready")
         if topo.local_rank != 0:
-            train, held, num_classes, mean, std = load_arrays(cfg.data)
-        common = dict(device=topo.device, mean=mean, std=std, channels_last=cfg.channels_last)
-        train_loader = InMemoryLoader(train, cfg.batch_size, train=True, seed=data_seed, drop_last=False,
+            data = load_arrays(cfg.data)
+        common = dict(device=topo.device, mean=data.mean, std=data.std, channels_last=cfg.channels_last)
+        train_loader = InMemoryLoader(data.train, cfg.batch_size, train=True, seed=data_seed, drop_last=False,
                                       rank_in_group=topo.replica, group_size=topo.replicas, **common)
-        eval_loader = InMemoryLoader(held, cfg.eval_batch_size, train=False, **common)
-        return train_loader, eval_loader, num_classes
-    return build_folder_loaders(cfg.data, cfg.batch_size, seed=data_seed,
-                                rank_in_group=topo.replica, group_size=topo.replicas)
+        eval_loader = InMemoryLoader(data.eval, cfg.eval_batch_size, train=False, **common)
+        test_loader = InMemoryLoader(data.test, cfg.eval_batch_size, train=False, **common)
+        return train_loader, eval_loader, data.num_classes, test_loader if cfg.data.eval_split == "val" else None
+    train_loader, eval_loader, num_classes, test_loader = build_folder_loaders(
+        cfg.data, cfg.batch_size, seed=data_seed, rank_in_group=topo.replica, group_size=topo.replicas)
+    return train_loader, eval_loader, num_classes, test_loader if cfg.data.eval_split == "val" else None
 
 
 def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
@@ -190,7 +214,8 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     if cfg.distill.mutual and networks == 1:
         raise ConfigError("distill.mutual: needs 2 or more networks (--nproc_per_node)")
     seed_everything(cfg.seed + topo.network)  # replicas of one network share the model seed
-    train_loader, eval_loader, data_classes = make_loaders(cfg, topo)
+    train_loader, eval_loader, data_classes, test_loader = make_loaders(cfg, topo)
+    split = cfg.data.eval_split
     if len(train_loader) == 0:
         raise DataError(f"batch_size={cfg.batch_size}: larger than the training set of this network's "
                         "replica; nothing to train (lower batch_size)")
@@ -258,10 +283,11 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
                                       autocast, progress, topo.device, topo.network_group))
         ring.arrive(topo, f"epoch {epoch} trained")  # a dead peer is named here, not by a collective
         if topo.is_leader:  # each network as trained, before grafting, as the paper reports it
-            record.update(evaluate_network(model, eval_loader, autocast, topo, thresholds))
-            if record["test_acc"] > best:
-                best = record["test_acc"]
-                checkpoint.save_best(run_dir, topo.network, epoch, best, cfg.setup(networks), model.state_dict())
+            record.update(evaluate_network(model, eval_loader, autocast, topo, thresholds, split))
+            if record[f"{split}_acc"] > best:  # model selection on the evaluated split
+                best = record[f"{split}_acc"]
+                checkpoint.save_best(run_dir, topo.network, epoch, best, split, cfg.setup(networks),
+                                     model.state_dict())
         grafted = grafting and epoch < cfg.epochs - 1
         if grafted:
             result = graft(model, plan, cfg, topo, epoch)
@@ -287,9 +313,12 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
             log(epoch_table(records, cfg.epochs, thresholds))
 
     summary = None
+    test = None
+    if test_loader is not None and topo.is_leader:
+        test = final_test(model, test_loader, autocast, topo, run_dir)
     records = metrics.read() if metrics is not None else []
     if records:
-        summary = summarize(records)
+        summary = summarize(records, test)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log(summary["table"])
     return summary

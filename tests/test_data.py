@@ -43,7 +43,7 @@ def tar_cfg(tmp_path, **kw) -> DataConfig:
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
-    """The fixture decoded once for the module: (train, test, num_classes, mean, std)."""
+    """The fixture decoded once for the module: (train, test, num_classes, mean, std, test)."""
     return load_arrays(tar_cfg(tmp_path_factory.mktemp("full")))
 
 
@@ -83,7 +83,8 @@ def collect(loader):
 
 
 def test_fixture_loads(full):
-    train, test, num_classes, mean, std = full
+    train, test, num_classes, mean, std, also_test = full
+    assert also_test is test  # eval_split=test: the evaluated split is the test split
     assert FIXTURE.stat().st_size < 2_100_000
     assert train.images.shape == (1000, 3, 32, 32) and train.images.dtype == torch.uint8
     assert test.images.shape == (500, 3, 32, 32) and test.images.dtype == torch.uint8
@@ -162,7 +163,8 @@ def test_subsets_are_balanced_and_first_k(tmp_path, full):
 
 
 def test_validation_split(tmp_path, full):
-    train, val, *_ = load_arrays(tar_cfg(tmp_path, val_fraction=0.1, eval_split="val"))
+    train, val, *_, test = load_arrays(tar_cfg(tmp_path, val_fraction=0.1, eval_split="val"))
+    assert torch.equal(test.images, full.test.images)  # the test split comes along for the end
     assert torch.bincount(train.labels).tolist() == [90] * 10
     assert torch.bincount(val.labels).tolist() == [10] * 10
     whole = full[0].images.view(10, 100, 3, 32, 32)
@@ -177,7 +179,7 @@ def test_validation_split(tmp_path, full):
 
 
 def test_synthetic():
-    train, test, n, mean, std = load_arrays(DataConfig(name="synthetic"))
+    train, test, n, mean, std, _ = load_arrays(DataConfig(name="synthetic"))
     assert train.images.shape == (512, 3, 32, 32) and test.images.shape == (256, 3, 32, 32)
     assert n == 10 and torch.bincount(train.labels).tolist() == [52] * 2 + [51] * 8
     assert all(abs(m - 0.5) < 0.01 for m in mean)
@@ -274,7 +276,7 @@ def test_loader_lengths():
 
 
 def test_eval_order_fixed_and_normalized(full):
-    train, test, _, mean, std = full
+    train, test, _, mean, std, _ = full
     loader = InMemoryLoader(test, 128, train=False, device="cpu", mean=mean, std=std, seed=5)
     loader.set_epoch(7)
     x, y = collect(loader)
@@ -348,8 +350,8 @@ def test_build_folder_loaders(tmp_path):
             for k in range(n):
                 Image.new("RGB", (40, 36), (i * 100, k * 10, 0)).save(tmp_path / s / c / f"{k}.png")
     cfg = DataConfig(name="imagefolder", root=str(tmp_path), workers=0, in_memory=False, image_size=24)
-    train, evals, n = build_folder_loaders(cfg, 2, seed=0)
-    assert n == 2 and len(train.dataset) == 12
+    train, evals, n, test = build_folder_loaders(cfg, 2, seed=0)
+    assert n == 2 and len(train.dataset) == 12 and test is evals
     train.set_epoch(1)
     assert train.sampler.epoch == 1
     x, y = next(iter(train))
@@ -361,3 +363,4 @@ def test_build_folder_loaders(tmp_path):
     assert len(shares[0][0].dataset) == 6  # 3 of 6 per class held out
     assert [len(s[1].dataset) for s in shares] == [6, 6]  # every replica evaluates the whole split
     assert [len(s[0].sampler) for s in shares] == [3, 3]
+    assert [len(s[3].dataset) for s in shares] == [6, 6]  # the test split stays reachable

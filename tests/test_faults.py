@@ -207,13 +207,13 @@ def test_epoch_files_pruning_best_set_aside_and_file_mode(tmp_path):
     assert not partial.exists()
     path = checkpoint.epoch_path(tmp_path, 0, 3)
     assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoint._umask()
-    checkpoint.save_best(tmp_path, 0, 1, 40.0, {}, {})
-    checkpoint.save_best(tmp_path, 0, 5, 50.0, {}, {})
+    checkpoint.save_best(tmp_path, 0, 1, 40.0, "test", {}, {})
+    checkpoint.save_best(tmp_path, 0, 5, 50.0, "test", {}, {})
     assert checkpoint.set_aside_best_after(tmp_path, 0, 5) is None  # not after: kept
     stale = checkpoint.set_aside_best_after(tmp_path, 0, 3)
-    assert stale.name == "best.epoch0005.stale.pt" and checkpoint.load(stale)["test_acc"] == 50.0
+    assert stale.name == "best.epoch0005.stale.pt" and checkpoint.load(stale)["acc"] == 50.0
     best = checkpoint.load(checkpoint.network_dir(tmp_path, 0) / "best.pt")  # the one before it is back
-    assert (best["epoch"], best["test_acc"]) == (1, 40.0)
+    assert (best["epoch"], best["acc"]) == (1, 40.0)
     removed = checkpoint.remove_epochs_after(tmp_path, 0, 3)
     assert [p.name for p in removed] == ["epoch0005.pt", "epoch0006.pt"]
     assert [e for e, _ in checkpoint.epoch_files(tmp_path, 0)] == [2, 3]

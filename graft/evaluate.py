@@ -1,0 +1,92 @@
+"""Evaluate a saved checkpoint on a chosen split: ``graft-eval CHECKPOINT [key=value ...]``.
+
+As torchvision's ``--test-only``: one process, no training. The run's own config.yaml (found
+beside the checkpoint's run directory) gives the model and the data; overrides change it, e.g.
+``data.root=...`` when the data moved. ``best.pt`` holds a network's best evaluated weights as
+they were before that epoch's graft; ``epochNNNN.pt`` holds the weights after the graft (the
+resume point), except for the last epoch, which is not grafted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import ConfigError, load_config
+from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
+from .models import build_model
+from .train import evaluate
+
+
+def run_dir_of(path: Path) -> Path:
+    """run/checkpoints/net0/best.pt -> run."""
+    return path.resolve().parents[2]
+
+
+def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), device: str = "auto") -> dict:
+    path = Path(path)
+    state = checkpoint.load(path)  # raises CheckpointError naming the file
+    config_file = run_dir_of(path) / "config.yaml"
+    if not config_file.exists():
+        raise ConfigError(f"{config_file}: not found; graft-eval reads the run's config.yaml beside its "
+                          "checkpoints/ folder")
+    extra = ["data.eval_split=val"] if split == "val" else []
+    cfg = load_config(config_file, [*extra, *overrides])
+    if split == "val" and cfg.data.val_fraction <= 0:
+        raise ConfigError(f"{config_file}: data.val_fraction is 0: this run has no validation split")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    if cfg.data.in_memory:
+        data = load_arrays(cfg.data)
+        held = data.eval if split == "val" else data.test
+        loader = InMemoryLoader(held, cfg.eval_batch_size, train=False, device=dev, mean=data.mean,
+                                std=data.std, channels_last=cfg.channels_last)
+    else:
+        _, eval_loader, _, test_loader = build_folder_loaders(dataclasses.replace(cfg.data, workers=0), 1, seed=0)
+        loader = eval_loader if split == "val" else test_loader
+    model = build_model(cfg.model, cfg.num_classes).to(dev)
+    model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model.load_state_dict(state["model"])
+    use_amp = cfg.amp != "off" and not (cfg.amp == "fp16" and dev.type != "cuda")
+    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+    def autocast():
+        return torch.autocast(dev.type, amp_dtype) if use_amp else contextlib.nullcontext()
+
+    stats, _, labels = evaluate(model, loader, autocast, dev, split)
+    return {"checkpoint": str(path), "network": state.get("network"), "epoch": state.get("epoch"),
+            "split": split, "images": len(labels), **stats}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="graft-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a graft checkpoint: RUN/checkpoints/netK/best.pt or epochNNNN.pt")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device)
+    except (ConfigError, DataError, checkpoint.CheckpointError, OSError) as e:
+        print(f"graft-eval: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        epoch = "" if result["epoch"] is None else f", epoch {result['epoch'] + 1}"
+        print(f"{result['checkpoint']} (network {result['network']}{epoch}): {result['split']} accuracy "
+              f"{result[args.split + '_acc']:.2f}%, loss {result[args.split + '_loss']:.4f}, "
+              f"{result['images']} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

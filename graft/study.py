@@ -1,0 +1,257 @@
+"""Run a study: every (arm, seed) of a plan as its own torchrun run, then a report.
+
+    graft-study studies/cifar10_cpu.yaml            # run what is left, rewrite the report
+    graft-study studies/cifar10_cpu.yaml --dry-run  # print the commands
+    graft-study studies/cifar10_cpu.yaml --report   # only rewrite the report
+
+A plan (YAML) names a base config, common overrides, the arms (name, networks, overrides), the
+seeds and the study's name. Runs go to ``<root>/<name>/<arm>/seed<k>/`` one after another.
+Finished runs are skipped and an interrupted one resumes (the launcher's ``resume: auto``), so
+the same command continues a study after any stop. Each run records the code version it ran
+(git commit, and whether the tree had changes) in ``study.json`` beside its outputs.
+
+A finished run's small files (config.yaml, metrics.jsonl, summary.json, study.json; no
+checkpoints) are copied to ``<results>/<name>/<arm>/seed<k>/``: the report is made from these
+alone, they can be committed beside it as its evidence, and a run found there counts as
+finished, so a study continues on another machine from the committed results. After every run
+the report is rewritten: ``<results>/<name>.md`` and ``<name>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, _build, load_config
+
+
+@dataclass
+class Arm:
+    name: str = ""
+    networks: int = 2             # --nproc_per_node (times data_parallel, if an arm sets it)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    name: str = ""
+    config: str = ""              # the base config, relative to the directory graft-study runs in
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[Arm] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # for every arm
+    reference: str = ""           # the arm the others are compared with ("" = the first)
+    root: str = "runs/studies"
+    results: str = "results"
+    description: str = ""         # the recipe and why: copied into the report
+
+
+@dataclass
+class Run:
+    arm: Arm
+    seed: int
+    dir: Path       # where it trains: checkpoints and all
+    archive: Path   # where its small files go when it has finished
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm.name}/seed{self.seed}"
+
+
+ARCHIVED = ("config.yaml", "metrics.jsonl", "summary.json", "study.json")
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and check a plan; every arm's config is resolved here, so a bad override fails now,
+    naming the arm, and not hours later."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read plan: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    plan = _build(Plan, values, str(path))
+    if not plan.name or "/" in plan.name:
+        raise ConfigError(f"{path}: name: a study name without '/' is required")
+    if not plan.arms:
+        raise ConfigError(f"{path}: arms: at least one arm is required")
+    if not plan.seeds or len(set(plan.seeds)) != len(plan.seeds):
+        raise ConfigError(f"{path}: seeds: a list of distinct seeds is required; got {plan.seeds}")
+    names = [a.name for a in plan.arms]
+    for arm in plan.arms:
+        if not arm.name or "/" in arm.name or names.count(arm.name) > 1:
+            raise ConfigError(f"{path}: arms: each arm needs a distinct name without '/'; got {arm.name!r}")
+        if arm.networks < 1:
+            raise ConfigError(f"{path}: arms: {arm.name}: networks must be >= 1; got {arm.networks}")
+        try:
+            load_config(plan.config, [*plan.overrides, *arm.overrides])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: arm {arm.name}: {e}") from None
+    if plan.reference and plan.reference not in names:
+        raise ConfigError(f"{path}: reference: no arm named {plan.reference!r} (arms: {', '.join(names)})")
+    plan.reference = plan.reference or names[0]
+    return plan
+
+
+def runs_of(plan: Plan) -> list[Run]:
+    """Arm by arm, seed by seed: an arm's seeds finish before the next arm starts, so a study cut
+    short still has complete arms to compare."""
+    root, archive = Path(plan.root) / plan.name, Path(plan.results) / plan.name
+    return [Run(arm, seed, root / arm.name / f"seed{seed}", archive / arm.name / f"seed{seed}")
+            for arm in plan.arms for seed in plan.seeds]
+
+
+def command(plan: Plan, run: Run, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.arm.networks}",
+            "-m", "graft.train", "--config", plan.config, *plan.overrides, *run.arm.overrides,
+            f"seed={run.seed}", f"output_dir={run.dir}", "resume=auto", "progress=false"]
+
+
+def read_state(run_dir: Path) -> dict:
+    path = run_dir / "study.json"
+    return json.loads(path.read_text()) if path.exists() else {"attempts": [], "wall_seconds": 0.0}
+
+
+def write_state(run: Run, state: dict) -> None:
+    run.dir.mkdir(parents=True, exist_ok=True)
+    tmp = run.dir / ".study.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, run.dir / "study.json")
+
+
+def finished(run: Run) -> bool:
+    return read_state(run.archive).get("finished", False) and (run.archive / "summary.json").exists()
+
+
+def archive(run: Run) -> None:
+    """Copy a finished run's small files to its archive (the study.json last: it marks it done)."""
+    run.archive.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED:
+        shutil.copyfile(run.dir / name, run.archive / f".{name}.tmp")
+        os.replace(run.archive / f".{name}.tmp", run.archive / name)
+
+
+def code_version() -> dict:
+    """The git commit of the code that runs, and whether its tracked files had changes."""
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def run_one(plan: Plan, run: Run, log=print) -> int:
+    """One run, resumed if it was interrupted; its output goes to the terminal and to log.txt."""
+    state = read_state(run.dir)
+    state["attempts"].append({**code_version(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_state(run, state)
+    start = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(run.dir / "log.txt", "a") as logfile:
+        proc = subprocess.Popen(command(plan, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, start_new_session=True)
+        try:
+            for line in proc.stdout:
+                logfile.write(line)
+                logfile.flush()
+                log(f"  {line.rstrip()}")
+            code = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM: the training stops between steps, the checkpoint stays
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            raise
+        finally:
+            state["wall_seconds"] += time.monotonic() - start
+            state["finished"] = proc.poll() == 0 and (run.dir / "summary.json").exists()
+            write_state(run, state)
+    if state["finished"]:
+        archive(run)
+    return code
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="graft-study", description=__doc__.splitlines()[0])
+    parser.add_argument("plan", help="the study plan (YAML)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs left, run nothing")
+    parser.add_argument("--report", action="store_true", help="only rewrite the report from the finished runs")
+    parser.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all)")
+    parser.add_argument("--root", help="where the runs go (default: the plan's root, runs/studies)")
+    parser.add_argument("--results", help="where the report goes (default: the plan's results, results/)")
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    signal.signal(signal.SIGTERM, _terminate)  # stop the run in hand as Ctrl-C does
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        plan = load_plan(args.plan)
+        plan.root, plan.results = args.root or plan.root, args.results or plan.results
+    except ConfigError as e:
+        print(f"graft-study: error: {e}", file=sys.stderr)
+        return 2
+    from .study_report import write_report
+
+    runs = runs_of(plan)
+    left = [r for r in runs if not finished(r)]
+    if args.dry_run:
+        for r in left:
+            print(f"# {r.label}" + (" (resumes)" if (r.dir / "checkpoints").exists() else ""))
+            print(shlex.join(command(plan, r, "python")))
+        return 0
+    if args.report:
+        log(f"report: {write_report(plan, runs, args.plan)}")
+        return 0
+    log(f"study {plan.name}: {len(runs) - len(left)} of {len(runs)} runs finished")
+    done_now = 0
+    for i, run in enumerate(left):
+        if args.max_runs and done_now >= args.max_runs:
+            log(f"stopped after {done_now} run(s) (--max-runs); the same command continues the study")
+            return 0
+        times = [read_state(r.archive)["wall_seconds"] for r in runs if finished(r)]
+        eta = f"; about {fmt_duration(sum(times) / len(times) * (len(left) - i))} left" if times else ""
+        log(f"[{len(runs) - len(left) + i + 1}/{len(runs)}] {run.label} -> {run.dir}{eta}")
+        try:
+            code = run_one(plan, run, log)
+        except KeyboardInterrupt:
+            log(f"interrupted: {run.label} stopped at its last checkpoint; the same command resumes it")
+            return 130
+        if code != 0:
+            print(f"graft-study: error: {run.label} failed (exit {code}); see {run.dir / 'log.txt'}. "
+                  "Fix the cause and run the same command to resume.", file=sys.stderr)
+            return 1
+        done_now += 1
+        log(f"report: {write_report(plan, runs, args.plan)}")
+    log(f"study {plan.name}: all {len(runs)} runs finished; report: {write_report(plan, runs, args.plan)}")
+    return 0
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

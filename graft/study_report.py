@@ -1,0 +1,238 @@
+"""The report of a study (``graft-study``): a Markdown table, paired differences, a picture.
+
+Every figure is read back from the finished runs' files (summary.json, metrics.jsonl,
+study.json), so the report can be rewritten at any time and says nothing the runs did not.
+A run's single-network accuracy is the mean over its networks; the test set counts only as the
+final weights and the best-validation weights (runs that select on ``data.eval_split: val``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .report import MetricsLog, eval_split
+from .stats import mean_std, paired_difference
+from .study import Plan, Run, fmt_duration, read_state
+
+METRICS = (("final", "final"), ("best_val", "best-val"), ("ensemble", "ensemble final"),
+           ("ensemble_best_val", "ensemble best-val"))
+
+
+def run_result(run: Run) -> dict | None:
+    """The figures of one finished run (from its archived files), or None."""
+    state = read_state(run.archive)
+    summary_path = run.archive / "summary.json"
+    if not state.get("finished") or not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    by_key = {(r["network"], r["epoch"]): r for r in MetricsLog(run.archive / "metrics.jsonl").read()}
+    records = [by_key[k] for k in sorted(by_key, key=lambda k: (k[1], k[0]))]
+    last_epoch = max(r["epoch"] for r in records)
+    last = [r for r in records if r["epoch"] == last_epoch]
+    split = eval_split(records[0])
+    test = summary.get("test")
+    if test:
+        nets = test["networks"].values()
+        accs = {"final": _mean(n["final_test_acc"] for n in nets),
+                "best_val": _mean(n["best_val_test_acc"] for n in nets),
+                "ensemble": test["ensemble_final_test_acc"],
+                "ensemble_best_val": test["ensemble_best_val_test_acc"]}
+    else:  # a run that evaluated the test set every epoch: no selection without it
+        accs = {"final": summary["final_acc_mean"], "best_val": None, "ensemble": summary["ensemble_final_acc"],
+                "ensemble_best_val": None}
+    alphas = [r["mean_alpha"] for r in records if r.get("mean_alpha") is not None]
+    # With 2 networks the mean alpha is 0.5 by symmetry; how far alpha strays from 0.5 is what
+    # separates grafting from plain averaging.
+    strays = [abs(layer["alpha"] - 0.5) for r in records for layer in r.get("graft") or ()]
+    epoch_seconds = sum(r["epoch_seconds"] for r in records)
+    curve = {}
+    for r in records:
+        curve.setdefault(r["epoch"], []).append(r[f"{split}_acc"])
+    return {
+        **accs,
+        "networks": len(last),
+        "epochs": last_epoch + 1,
+        "filters": last[0].get("filters"),
+        "invalid": {t: _mean(r["invalid_filters"][t] for r in last) for t in last[0].get("invalid_filters", {})},
+        "mean_alpha": _mean(alphas) if alphas else None,
+        "alpha_stray": _mean(strays) if strays else None,
+        "overhead": sum(r.get("graft_seconds", 0.0) for r in records) / epoch_seconds if epoch_seconds else 0.0,
+        "wall_seconds": state["wall_seconds"],
+        "versions": [(a["commit"], a["dirty"]) for a in state["attempts"]],
+        "curve_split": split,
+        "curve": [_mean(curve[e]) for e in sorted(curve)],
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def _short(version: tuple) -> str:
+    commit, dirty = version
+    return commit[:10] + (" (changes)" if dirty else "")
+
+
+def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> Path:
+    """Write ``<results>/<name>.md`` (and ``.png`` when matplotlib is installed); returns the .md path."""
+    results = {r.label: run_result(r) for r in runs}
+    arms = [a.name for a in plan.arms]
+    per_arm = {a: {r.seed: results[r.label] for r in runs if r.arm.name == a and results[r.label]} for a in arms}
+    out = Path(plan.results)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{plan.name}.md"
+    png = out / f"{plan.name}.png"
+    drew = _plot(plan, per_arm, png)
+    done = sum(1 for v in results.values() if v)
+    lines = [f"# Study: {plan.name}", ""]
+    if plan.description:
+        lines += [plan.description.strip(), ""]
+    lines += [f"Status: {done} of {len(runs)} runs finished ({len(plan.seeds)} seeds x {len(arms)} arms). "
+              f"Base config `{plan.config}`" + (f", with `{' '.join(plan.overrides)}`" if plan.overrides else "")
+              + ".", ""]
+    if plan_path:
+        lines += [f"Reproduce or continue: `graft-study {plan_path}` (finished runs are skipped, an interrupted "
+                  "one resumes); this file is rewritten after every run. Each finished run's config, metrics and "
+                  f"summary are in `{Path(plan.results) / plan.name}/<arm>/seed<k>/`.", ""]
+    lines += ["## Test accuracy (%, mean ± std over seeds)", "",
+              "Single-network figures are the mean over a run's networks. *final*: the weights after the last "
+              "epoch; *best-val*: each network's weights from its best validation epoch; *ensemble*: the mean of "
+              "the networks' softmax outputs.", "",
+              "| arm | networks | seeds | final | best-val | ensemble final | ensemble best-val |",
+              "|---|---|---|---|---|---|---|"]
+    arm_of = {a.name: a for a in plan.arms}
+    for a in arms:
+        rs = list(per_arm[a].values())
+        cols = [_pm([r[m] for r in rs if r[m] is not None]) for m, _ in METRICS]
+        lines.append(f"| {a} | {arm_of[a].networks} | {len(rs)} | " + " | ".join(cols) + " |")
+    lines += ["", f"## Paired differences against `{plan.reference}` (same seeds, 95% t interval)", ""]
+    sentences = []
+    ref = per_arm[plan.reference]
+    lines += ["| arm | metric | pairs | mean difference | 95% interval |", "|---|---|---|---|---|"]
+    for a in arms:
+        if a == plan.reference:
+            continue
+        seeds = sorted(set(per_arm[a]) & set(ref))
+        for m, name in METRICS:
+            pairs = [(per_arm[a][s][m], ref[s][m]) for s in seeds
+                     if per_arm[a][s][m] is not None and ref[s][m] is not None]
+            if not pairs:
+                continue
+            d = paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
+            interval = "-" if d.n < 2 else f"[{d.low:+.2f}, {d.high:+.2f}]"
+            lines.append(f"| {a} | {name} | {d.n} | {d.mean:+.2f} | {interval} |")
+            if m in ("final", "ensemble"):
+                sentences.append(_sentence(a, plan.reference, name, d))
+    lines += ["", *[f"- {s}" for s in sentences], ""]
+    lines += ["## Per arm", "", "*mean alpha*: over networks, layers and grafts; *mean abs(alpha - 0.5)*: how far a "
+              "layer's alpha strays from plain averaging.", "",
+              "| arm | invalid filters (last epoch, per network) | mean alpha | mean abs(alpha - 0.5) | graft overhead "
+              "(% of epoch time) | wall time per run |", "|---|---|---|---|---|---|"]
+    for a in arms:
+        rs = list(per_arm[a].values())
+        if not rs:
+            lines.append(f"| {a} | - | - | - | - | - |")
+            continue
+        inv = ", ".join(f"<{t}: {_mean(r['invalid'][t] for r in rs):.1f}" for t in rs[0]["invalid"])
+        inv += f" of {rs[0]['filters']}" if rs[0]["filters"] else ""
+        alphas = [r["mean_alpha"] for r in rs if r["mean_alpha"] is not None]
+        alpha = "- (no graft)"
+        if alphas:
+            m, s = mean_std(alphas)
+            alpha = f"{m:.3f} ± {s:.3f}"
+        strays = [r["alpha_stray"] for r in rs if r["alpha_stray"] is not None]
+        stray = f"{_mean(strays):.3f}" if strays else "-"
+        overhead = f"{100 * _mean(r['overhead'] for r in rs):.3f}"
+        wall = fmt_duration(_mean(r["wall_seconds"] for r in rs))
+        lines.append(f"| {a} | {inv} | {alpha} | {stray} | {overhead} | {wall} |")
+    lines += ["", "## Runs", "", "| run | epochs | final | best-val | ensemble final | wall time | code |",
+              "|---|---|---|---|---|---|---|"]
+    mixed = []
+    for a in arms:
+        versions = set()
+        for r in runs:
+            if r.arm.name != a:
+                continue
+            res = results[r.label]
+            if res is None:
+                lines.append(f"| {r.label} | - | not finished | | | | |")
+                continue
+            versions.update(res["versions"])
+            code = ", ".join(sorted({_short(v) for v in res["versions"]}))
+            best = "-" if res["best_val"] is None else f"{res['best_val']:.2f}"
+            lines.append(f"| {r.label} | {res['epochs']} | {res['final']:.2f} | {best} | {res['ensemble']:.2f} | "
+                         f"{fmt_duration(res['wall_seconds'])} | {code} |")
+        if len({v[0] for v in versions}) > 1 or any(v[1] for v in versions):
+            mixed.append(a)
+    lines.append("")
+    if mixed:
+        lines += [f"**Mixed code versions** in arm(s) {', '.join(mixed)}: their runs ran different commits or a "
+                  "tree with changes (see the code column).", ""]
+    else:
+        lines += ["Every arm's runs ran one commit, from a clean tree.", ""]
+    if drew:
+        lines += [f"![{plan.name}]({png.name})", ""]
+    md.write_text("\n".join(lines))
+    return md
+
+
+def _sentence(arm: str, ref: str, metric: str, d) -> str:
+    if d.n < 2:
+        return f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points from one seed; no interval yet."
+    if d.excludes_zero:
+        side = "above" if d.mean > 0 else "below"
+        return (f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points; the 95% interval excludes 0: {arm} is "
+                f"{side} {ref} on these {d.n} seeds.")
+    return (f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points; the 95% interval includes 0: no difference "
+            f"resolved with {d.n} seeds.")
+
+
+def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the plot extra is optional
+        return False
+    arms = list(per_arm)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, a in enumerate(arms):
+        rs = list(per_arm[a].values())
+        for j, (m, name) in enumerate((("final", "final"), ("ensemble", "ensemble final"))):
+            ys = [r[m] for r in rs if r[m] is not None]
+            x = i + (j - 0.5) * 0.3
+            left.scatter([x] * len(ys), ys, color=f"C{j}", alpha=0.6, s=18, label=name if i == 0 else None)
+            if ys:
+                left.hlines(mean_std(ys)[0], x - 0.12, x + 0.12, color=f"C{j}", linewidth=2)
+        if rs:
+            n = max(len(r["curve"]) for r in rs)
+            curve = [_mean(r["curve"][e] for r in rs if e < len(r["curve"])) for e in range(n)]
+            right.plot(range(1, n + 1), curve, label=a, color=f"C{i}")
+    left.set_xticks(range(len(arms)), arms, rotation=20)
+    left.set_ylabel("test accuracy (%)")
+    left.set_title("per seed (dots) and mean (bars)")
+    left.legend(fontsize=8)
+    split = next((r["curve_split"] for rs in per_arm.values() for r in rs.values()), "val")
+    right.set_xlabel("epoch")
+    right.set_ylabel(f"{'validation' if split == 'val' else 'test'} accuracy (%), mean over networks and seeds")
+    right.set_title("learning curves")
+    right.legend(fontsize=8)
+    lows = [v for rs in per_arm.values() for r in rs.values() for v in r["curve"][len(r["curve"]) // 2:]]
+    if lows and not math.isnan(min(lows)):
+        right.set_ylim(min(lows) - 1, None)
+    fig.suptitle(f"study {plan.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
