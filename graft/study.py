@@ -106,11 +106,11 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def runs_of(plan: Plan) -> list[Run]:
-    """Arm by arm, seed by seed: an arm's seeds finish before the next arm starts, so a study cut
-    short still has complete arms to compare."""
+    """Seed by seed, arm by arm: every arm of a seed finishes before the next seed starts, so a
+    study cut short already has paired comparisons."""
     root, archive = Path(plan.root) / plan.name, Path(plan.results) / plan.name
     return [Run(arm, seed, root / arm.name / f"seed{seed}", archive / arm.name / f"seed{seed}")
-            for arm in plan.arms for seed in plan.seeds]
+            for seed in plan.seeds for arm in plan.arms]
 
 
 def command(plan: Plan, run: Run, python: str = sys.executable) -> list[str]:
