@@ -132,3 +132,41 @@ def test_hybrid_mode_trains_two_networks_of_two_replicas(tmp_path):
     recs = records(out)
     assert sorted((r["epoch"], r["network"]) for r in recs) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(r["graft_bytes"] > 0 for r in recs if r["epoch"] == 0)
+
+
+def test_selection_on_validation_and_the_test_set_once_at_the_end(tmp_path):
+    from graft.evaluate import evaluate_checkpoint
+
+    proc, out = train(tmp_path, 2, "epochs=3", "data.val_fraction=0.2", "data.eval_split=val")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "summary (validation accuracy, %)" in proc.stdout and "test accuracy, % (once, at the end)" in proc.stdout
+    recs = records(out)
+    assert all("val_acc" in r and "test_acc" not in r for r in recs)  # no test figure per epoch
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["split"] == "val" and set(summary["test"]["networks"]) == {"0", "1"}
+    for k in (0, 1):
+        mine = [r for r in recs if r["network"] == k]
+        best_epoch = max(mine, key=lambda r: r["val_acc"])["epoch"]  # the first of equals, as training keeps
+        result = summary["test"]["networks"][str(k)]
+        assert result["best_val_epoch"] == best_epoch
+        assert result["best_val_acc"] == max(r["val_acc"] for r in mine)
+        best = out / "checkpoints" / f"net{k}" / "best.pt"
+        assert torch.load(best, weights_only=False)["split"] == "val"
+        # graft-eval on the saved weights gives the figures the run reported.
+        overrides = [f"data.cache_dir={tmp_path / 'cache'}"]
+        assert evaluate_checkpoint(best, "test", overrides)["test_acc"] == result["best_val_test_acc"]
+        final = evaluate_checkpoint(out / "checkpoints" / f"net{k}" / "epoch0002.pt", "test", overrides)
+        assert final["test_acc"] == result["final_test_acc"] and final["images"] == 200
+        assert evaluate_checkpoint(best, "val", overrides)["val_acc"] == result["best_val_acc"]
+
+
+def test_graft_eval_errors_name_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import env
+
+    missing = tmp_path / "run" / "checkpoints" / "net0" / "best.pt"
+    proc = subprocess.run([sys.executable, "-m", "graft.evaluate", str(missing)], capture_output=True, text=True,
+                          env=env(), cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"graft-eval: error: {missing}: unreadable checkpoint")

@@ -1,0 +1,119 @@
+"""graft-study: plans, the statistics, and a tiny study that is interrupted and continued."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from graft.config import ConfigError
+from graft.stats import paired_difference, t_quantile_975
+from graft.study import load_plan, runs_of
+from helpers import ROOT, env
+
+PLAN = ROOT / "tests" / "studies" / "tiny.yaml"
+
+
+def test_t_quantiles():
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(2) == 4.303 and t_quantile_975(30) == 2.042
+    assert t_quantile_975(60) == pytest.approx(2.0003, abs=1e-3)   # exact: 2.00030
+    assert t_quantile_975(120) == pytest.approx(1.9799, abs=1e-3)  # exact: 1.97993
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_paired_difference_interval():
+    d = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # differences 1, 2, 3: mean 2, sd 1
+    half = 4.303 / math.sqrt(3)
+    assert (d.n, d.mean) == (3, 2.0)
+    assert (d.low, d.high) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    assert not d.excludes_zero  # -0.48 .. 4.48
+    assert paired_difference([5.0, 5.1, 5.2, 5.0], [4.0, 4.0, 4.1, 4.0]).excludes_zero
+    one = paired_difference([1.0], [0.0])
+    assert (one.low, one.high) == (-math.inf, math.inf) and not one.excludes_zero
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_plan_errors_name_the_arm(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("name: x\nconfig: configs/quickstart.yaml\narms:\n  - name: a\n    overrides: [optim.lrr=1]\n")
+    with pytest.raises(ConfigError, match=r"arm a: command line: unknown key 'optim.lrr' \(did you mean 'optim.lr'"):
+        load_plan(plan)
+    plan.write_text("name: x\nconfig: configs/quickstart.yaml\narms:\n  - name: a\n  - name: a\n")
+    with pytest.raises(ConfigError, match="distinct name"):
+        load_plan(plan)
+    plan.write_text("name: x\nconfig: configs/quickstart.yaml\nseed: [1]\narms:\n  - name: a\n")
+    with pytest.raises(ConfigError, match="unknown key 'seed' \\(did you mean 'seeds'"):
+        load_plan(plan)
+    plan.write_text("name: x\nconfig: configs/quickstart.yaml\nreference: b\narms:\n  - name: a\n")
+    with pytest.raises(ConfigError, match="no arm named 'b'"):
+        load_plan(plan)
+
+
+def test_runs_go_seed_by_seed(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan = load_plan(PLAN)
+    assert [r.label for r in runs_of(plan)] == ["independent/seed0", "graft/seed0", "independent/seed1",
+                                                "graft/seed1"]
+
+
+def study(tmp_path, *args, **kw):
+    cmd = [sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
+           "--results", str(tmp_path / "results"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kw)
+
+
+def test_tiny_study_interrupted_and_continued(tmp_path):
+    runs, results = tmp_path / "runs" / "tiny", tmp_path / "results"
+    first = study(tmp_path, "--max-runs", "1")
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, out[-3000:]
+    assert "[1/4] independent/seed0" in out and "stopped after 1 run(s)" in out
+    assert (results / "tiny" / "independent" / "seed0" / "summary.json").exists()
+
+    # Interrupt the next run (graft/seed0) once its first epoch is saved; it must stop cleanly.
+    second = study(tmp_path)
+    saved = runs / "graft" / "seed0" / "checkpoints" / "net1" / "epoch0000.pt"
+    deadline = time.monotonic() + 240
+    while not saved.exists() and time.monotonic() < deadline and second.poll() is None:
+        time.sleep(0.05)
+    assert saved.exists(), second.communicate()[0][-3000:]
+    second.send_signal(signal.SIGTERM)
+    out = second.communicate(timeout=120)[0]
+    assert second.returncode == 130, out[-3000:]
+    assert "interrupted: graft/seed0 stopped at its last checkpoint" in out
+    assert not (results / "tiny" / "graft" / "seed0").exists()  # not finished, not archived
+
+    dry = subprocess.run([sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
+                          "--results", str(results), "--dry-run"], cwd=ROOT, env=env(), capture_output=True,
+                         text=True)
+    assert "# graft/seed0 (resumes)" in dry.stdout and "independent/seed0" not in dry.stdout
+
+    third = study(tmp_path)
+    out = third.communicate(timeout=400)[0]
+    assert third.returncode == 0, out[-3000:]
+    assert "1 of 4 runs finished" in out and "independent/seed0 ->" not in out  # not run again
+    assert "resuming after epoch" in out
+    state = json.loads((runs / "graft" / "seed0" / "study.json").read_text())
+    assert len(state["attempts"]) == 2 and state["finished"]
+    assert len(json.loads((runs / "independent" / "seed0" / "study.json").read_text())["attempts"]) == 1
+    records = [json.loads(line) for line in (results / "tiny" / "graft" / "seed0" / "metrics.jsonl").open()]
+    assert sorted((r["network"], r["epoch"]) for r in records) == [(n, e) for n in (0, 1) for e in range(3)]
+
+    report = (results / "tiny.md").read_text()
+    assert "Status: 4 of 4 runs finished" in report
+    for label in ("independent/seed0", "graft/seed0", "independent/seed1", "graft/seed1"):
+        summary = json.loads((results / "tiny" / label / "summary.json").read_text())
+        final = sum(n["final_test_acc"] for n in summary["test"]["networks"].values()) / 2
+        assert f"| {label} | 3 | {final:.2f} |" in report
+    assert "| graft | final | 2 |" in report
+    assert "graft vs independent, final:" in report
+    assert "| independent | 2 | 2 |" in report and "| graft | 2 | 2 |" in report
+    pytest.importorskip("matplotlib")
+    assert (results / "tiny.png").stat().st_size > 10_000
