@@ -3,6 +3,7 @@
     graft-study studies/cifar10_cpu.yaml            # run what is left, rewrite the report
     graft-study studies/cifar10_cpu.yaml --dry-run  # print the commands
     graft-study studies/cifar10_cpu.yaml --report   # only rewrite the report
+    graft-study studies/paper/cifar10_resnet.yaml --only 'resnet32_*' data.download=true
 
 A plan (YAML) names a base config, common overrides, the arms (name, networks, overrides), the
 seeds and the study's name. Runs go to ``<root>/<name>/<arm>/seed<k>/`` one after another.
@@ -20,6 +21,7 @@ the report is rewritten: ``<results>/<name>.md`` and ``<name>.png``.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shlex
@@ -39,8 +41,10 @@ from .config import ConfigError, _build, load_config
 @dataclass
 class Arm:
     name: str = ""
-    networks: int = 2             # --nproc_per_node (times data_parallel, if an arm sets it)
+    networks: int = 2             # networks; --nproc_per_node is this times the config's data_parallel
+    config: str = ""              # this arm's own base config ("" = the plan's)
     overrides: list[str] = field(default_factory=list)
+    nproc: int = 0                # set from the resolved config, not in plans
 
 
 @dataclass
@@ -95,10 +99,14 @@ def load_plan(path: str | Path) -> Plan:
             raise ConfigError(f"{path}: arms: each arm needs a distinct name without '/'; got {arm.name!r}")
         if arm.networks < 1:
             raise ConfigError(f"{path}: arms: {arm.name}: networks must be >= 1; got {arm.networks}")
+        arm.config = arm.config or plan.config
+        if not arm.config:
+            raise ConfigError(f"{path}: config: a base config is required (for the plan or for arm {arm.name})")
         try:
-            load_config(plan.config, [*plan.overrides, *arm.overrides])
+            cfg = load_config(arm.config, [*plan.overrides, *arm.overrides])
         except ConfigError as e:
             raise ConfigError(f"{path}: arm {arm.name}: {e}") from None
+        arm.nproc = arm.networks * cfg.data_parallel
     if plan.reference and plan.reference not in names:
         raise ConfigError(f"{path}: reference: no arm named {plan.reference!r} (arms: {', '.join(names)})")
     plan.reference = plan.reference or names[0]
@@ -113,10 +121,11 @@ def runs_of(plan: Plan) -> list[Run]:
             for seed in plan.seeds for arm in plan.arms]
 
 
-def command(plan: Plan, run: Run, python: str = sys.executable) -> list[str]:
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.arm.networks}",
-            "-m", "graft.train", "--config", plan.config, *plan.overrides, *run.arm.overrides,
-            f"seed={run.seed}", f"output_dir={run.dir}", "resume=auto", "progress=false"]
+def command(plan: Plan, run: Run, python: str = sys.executable, extra=()) -> list[str]:
+    """The run's torchrun command; ``extra`` overrides (from graft-study's command line) come last."""
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.arm.nproc}",
+            "-m", "graft.train", "--config", run.arm.config, *plan.overrides, *run.arm.overrides,
+            f"seed={run.seed}", f"output_dir={run.dir}", "resume=auto", "progress=false", *extra]
 
 
 def read_state(run_dir: Path) -> dict:
@@ -156,7 +165,7 @@ def code_version() -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
-def run_one(plan: Plan, run: Run, log=print) -> int:
+def run_one(plan: Plan, run: Run, log=print, extra=()) -> int:
     """One run, resumed if it was interrupted; its output goes to the terminal and to log.txt."""
     state = read_state(run.dir)
     state["attempts"].append({**code_version(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -164,7 +173,7 @@ def run_one(plan: Plan, run: Run, log=print) -> int:
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(run.dir / "log.txt", "a") as logfile:
-        proc = subprocess.Popen(command(plan, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(command(plan, run, extra=extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)
         try:
             for line in proc.stdout:
@@ -200,7 +209,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all)")
     parser.add_argument("--root", help="where the runs go (default: the plan's root, runs/studies)")
     parser.add_argument("--results", help="where the report goes (default: the plan's results, results/)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--only", help="comma-separated arm names or patterns (e.g. 'resnet32_*'): run only these")
+    parser.add_argument("overrides", nargs="*", help="key=value added to every run, e.g. data.root=... "
+                        "(give the same ones when continuing: a run resumes only with the settings it started with)")
+    args = parser.parse_intermixed_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
     signal.signal(signal.SIGTERM, _terminate)  # stop the run in hand as Ctrl-C does
 
@@ -215,15 +227,22 @@ def main(argv=None) -> int:
         return 2
     from .study_report import write_report
 
-    runs = runs_of(plan)
+    runs = all_runs = runs_of(plan)
+    if args.only:
+        patterns = args.only.split(",")
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.arm.name, p) for p in patterns)]
+        if not runs:
+            print(f"graft-study: error: --only {args.only}: no arm matches (arms: "
+                  f"{', '.join(a.name for a in plan.arms)})", file=sys.stderr)
+            return 2
     left = [r for r in runs if not finished(r)]
     if args.dry_run:
         for r in left:
             print(f"# {r.label}" + (" (resumes)" if (r.dir / "checkpoints").exists() else ""))
-            print(shlex.join(command(plan, r, "python")))
+            print(shlex.join(command(plan, r, "python", args.overrides)))
         return 0
     if args.report:
-        log(f"report: {write_report(plan, runs, args.plan)}")
+        log(f"report: {write_report(plan, all_runs, args.plan)}")
         return 0
     log(f"study {plan.name}: {len(runs) - len(left)} of {len(runs)} runs finished")
     done_now = 0
@@ -235,7 +254,7 @@ def main(argv=None) -> int:
         eta = f"; about {fmt_duration(sum(times) / len(times) * (len(left) - i))} left" if times else ""
         log(f"[{len(runs) - len(left) + i + 1}/{len(runs)}] {run.label} -> {run.dir}{eta}")
         try:
-            code = run_one(plan, run, log)
+            code = run_one(plan, run, log, args.overrides)
         except KeyboardInterrupt:
             log(f"interrupted: {run.label} stopped at its last checkpoint; the same command resumes it")
             return 130
@@ -244,8 +263,8 @@ def main(argv=None) -> int:
                   "Fix the cause and run the same command to resume.", file=sys.stderr)
             return 1
         done_now += 1
-        log(f"report: {write_report(plan, runs, args.plan)}")
-    log(f"study {plan.name}: all {len(runs)} runs finished; report: {write_report(plan, runs, args.plan)}")
+        log(f"report: {write_report(plan, all_runs, args.plan)}")
+    log(f"study {plan.name}: all {len(runs)} runs finished; report: {write_report(plan, all_runs, args.plan)}")
     return 0
 
 

@@ -98,7 +98,8 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
     if plan.description:
         lines += [plan.description.strip(), ""]
     lines += [f"Status: {done} of {len(runs)} runs finished ({len(plan.seeds)} seeds x {len(arms)} arms). "
-              f"Base config `{plan.config}`" + (f", with `{' '.join(plan.overrides)}`" if plan.overrides else "")
+              + (f"Base config `{plan.config}`" if plan.config else "Each arm names its config")
+              + (f", with `{' '.join(plan.overrides)}`" if plan.overrides else "")
               + ".", ""]
     if plan_path:
         lines += [f"Reproduce or continue: `graft-study {plan_path}` (finished runs are skipped, an interrupted "

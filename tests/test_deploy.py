@@ -16,7 +16,7 @@ from graft.config import load_config
 from helpers import ROOT, env, free_port
 
 SCRIPTS = sorted(p for p in (ROOT / "scripts").rglob("*") if p.suffix in (".sh", ".sbatch"))
-REPRODUCE = sorted((ROOT / "scripts" / "reproduce").glob("[!_]*.sh"))
+PAPER_PLANS = sorted((ROOT / "studies" / "paper").glob("*.yaml"))
 SBATCH = sorted((ROOT / "scripts" / "slurm").glob("*.sbatch"))
 CONFIG_RE = re.compile(r"configs/[\w./-]+?\.yaml")
 
@@ -27,11 +27,11 @@ def rel(path: Path) -> str:
 
 def test_the_scripts_exist():
     names = {rel(p) for p in SCRIPTS}
-    for name in ("run.sh", "test.sh", "slurm/single_node.sbatch", "slurm/multi_node.sbatch",
-                 "reproduce/cifar10_resnet.sh", "reproduce/cifar100_resnet.sh",
-                 "reproduce/mobilenetv2_networks.sh", "reproduce/vgg16_layer_vs_filter.sh",
-                 "reproduce/ablation_A_c.sh", "reproduce/imagenet.sh"):
+    for name in ("run.sh", "test.sh", "slurm/single_node.sbatch", "slurm/multi_node.sbatch"):
         assert f"scripts/{name}" in names
+    plans = {p.stem for p in PAPER_PLANS}
+    assert {"cifar10_resnet", "cifar100_resnet", "cifar10_mobilenetv2_networks", "cifar100_mobilenetv2_networks",
+            "vgg16_layer_vs_filter", "ablation_A_c", "imagenet", "cifar_wrn28_10"} <= plans
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -41,35 +41,38 @@ def test_script_parses(script):
     assert result.returncode == 0, result.stderr
 
 
-def dry_run(script: Path, *args: str) -> list[str]:
-    """The commands a reproduce script would run (DRY_RUN=1 prints them, runs nothing)."""
-    result = subprocess.run(["bash", str(script), *args], cwd="/", capture_output=True, text=True,
-                            env={**os.environ, "DRY_RUN": "1"}, timeout=30)
+def dry_run(plan: Path, *args: str) -> list[str]:
+    """The commands a study plan would run (graft-study --dry-run prints them, runs nothing)."""
+    result = subprocess.run([sys.executable, "-m", "graft.study", str(plan), "--dry-run", *args], cwd=ROOT,
+                            env=env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    lines = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
-    assert lines, f"{rel(script)} printed no command"
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert lines, f"{rel(plan)} printed no command"
     return lines
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_reproduce_scripts_run_existing_configs_into_separate_dirs():
+def test_paper_plans_run_existing_configs_into_separate_dirs():
     seen = {}
-    for script in REPRODUCE:
-        text = script.read_text()
-        assert "_launch.sh" in text or "set -euo pipefail" in text, rel(script)
-        for cmd in dry_run(script, "epochs=1", "seed=3"):
+    for plan in PAPER_PLANS:
+        for config in CONFIG_RE.findall(plan.read_text()):  # the usage comments too
+            assert (ROOT / config).is_file(), f"{rel(plan)} names a missing config: {config}"
+        for cmd in dry_run(plan, "data.root=/data"):
             words = cmd.split()
-            assert words[-2:] == ["epochs=1", "seed=3"], f"{rel(script)} drops its arguments: {cmd}"
+            assert words[-1] == "data.root=/data", f"{rel(plan)} drops its arguments: {cmd}"
             config = words[words.index("--config") + 1]
-            assert (ROOT / config).is_file(), f"{rel(script)} runs a missing config: {config}"
             load_config(ROOT / config)
             (out,) = [w.partition("=")[2] for w in words if w.startswith("output_dir=")]
-            assert out.startswith("runs/"), cmd
-            assert out not in seen, f"{rel(script)} and {seen.get(out)} both write {out}"
-            seen[out] = rel(script)
+            assert out.startswith("runs/studies/"), cmd
+            assert out not in seen, f"{rel(plan)} and {seen.get(out)} both write {out}"
+            seen[out] = rel(plan)
 
 
-@pytest.mark.parametrize("script", REPRODUCE + SBATCH, ids=rel)
+def test_plan_only_picks_arms():
+    cmds = dry_run(ROOT / "studies" / "paper" / "cifar10_mobilenetv2_networks.yaml", "--only", "baseline,n6")
+    assert [c.split()[4] for c in cmds] == ["--nproc_per_node=1", "--nproc_per_node=6"]
+
+
+@pytest.mark.parametrize("script", SBATCH, ids=rel)
 def test_configs_named_in_scripts_exist(script):
     # Literal paths, in the code and in the usage comments alike.
     for config in CONFIG_RE.findall(script.read_text()):
