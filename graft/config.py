@@ -23,40 +23,40 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "tar"             # cifar10 | cifar100 | imagefolder | tar | synthetic
-    root: str = "tests/fixtures/cifar10_sample.tar.gz"
+    name: str = "tar"             # cifar10/cifar100 (torchvision files), imagefolder (train/ and test/ class folders), tar (a .tar.gz of such a tree, decoded once and cached), synthetic (smoke tests)
+    root: str = "tests/fixtures/cifar10_sample.tar.gz"  # the data's folder or archive
     download: bool = False        # cifar10/cifar100: let torchvision download when online
     train_subset: int = 0         # 0 = all; else a class-balanced subset of this many images
-    test_subset: int = 0
+    test_subset: int = 0          # the same for the test split
     val_fraction: float = 0.0     # hold out this class-balanced share of train as validation
-    eval_split: str = "test"      # test | val
+    eval_split: str = "test"      # split evaluated every epoch; val: best.pt by validation, the test set once at the end
     workers: int = 2              # DataLoader workers for folder data not held in memory
     cache_dir: str = ""           # decoded tar archives; "" = ~/.cache/graft
     in_memory: bool = True        # uint8 tensors on the training device, batched augmentation
-    image_size: int = 32
+    image_size: int = 32          # side that tar and imagefolder images are brought to
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1
+    lr: float = 0.1               # SGD's initial learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: str = "step"        # step (x gamma every step_size epochs) | cosine (per iteration) | constant
+    schedule: str = "step"        # step: x gamma every step_size epochs (the paper's 0.1 every 60); cosine: per iteration, an extended run follows the longer curve
     step_size: int = 60
     gamma: float = 0.1
-    difflr: bool = False          # network k (1..N) starts at lr * (1 + cos(pi * (N - k) / N)) / 2
+    difflr: bool = False          # network k (1..N) starts at lr * (1 + cos(pi * (N - k) / N)) / 2 (the official code's default)
 
 
 @dataclass
 class GraftingConfig:
-    enabled: bool = True
-    level: str = "layer"          # layer | filter
-    A: float = 0.4
-    c: float = 500.0
-    bins: int = 10
-    compat: str = "default"       # default (the paper's formulas) | reference (the official code's)
-    exchange: str = "auto"        # auto (= ring) | ring (send to k+1, receive from k-1) | all_gather
+    enabled: bool = True          # false: the networks train independently (the baseline)
+    level: str = "layer"          # one alpha per layer (weight entropy) or per filter (BN scale entropy)
+    A: float = 0.4                # alpha = (A / pi) * arctan(c * (H_self - H_peer)) + 0.5
+    c: float = 500.0              # see A
+    bins: int = 10                # histogram bins of the entropy
+    compat: str = "default"       # default: the paper's formulas; reference: the official code's, quirks included
+    exchange: str = "auto"        # ring (send to k+1, receive from k-1; what auto picks) or all_gather
 
 
 @dataclass
@@ -69,23 +69,23 @@ class DistillConfig:
 
 @dataclass
 class Config:
-    model: str = "resnet20"
+    model: str = "resnet20"       # resnet8/20/32/44/56/110 (+ _leaky), mobilenetv2, vgg11_bn, vgg16_bn, wrn16_2, wrn28_10, tv:<torchvision name>
     num_classes: int = 0          # 0 = from the data set
     epochs: int = 200
     batch_size: int = 128         # per network (per replica in hybrid mode)
     eval_batch_size: int = 500
-    seed: int = 0
-    output_dir: str = "runs/default"
-    resume: str = "auto"          # auto (newest epoch every network completed) | never
+    seed: int = 0                 # network k uses seed + k for its weights and seed + 1000 k for its data order
+    output_dir: str = "runs/default"  # the run directory (docs/outputs.md)
+    resume: str = "auto"          # auto: from the newest epoch every network completed; never: a new directory output_dir-1, -2, ...
     data_parallel: int = 1        # replicas per network (DDP); world size = networks x data_parallel
-    backend: str = "auto"         # auto | nccl | gloo
-    device: str = "auto"          # auto | cpu | cuda
+    backend: str = "auto"         # auto: NCCL when every process of a node has a GPU of its own, else gloo
+    device: str = "auto"          # auto: CUDA when visible
     timeout: float = 1800.0       # seconds a rank waits for its peers at an epoch boundary
-    amp: str = "off"              # off | bf16 (CUDA or CPU) | fp16 (CUDA, with a GradScaler)
-    channels_last: bool = True
-    compile: bool = False
-    progress: bool = True         # tqdm bar on each node's local rank 0
-    invalid_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.01])
+    amp: str = "off"              # bf16: autocast (CUDA, or a CPU with AVX512-BF16/AMX; emulated and slow without); fp16: CUDA, with a GradScaler
+    channels_last: bool = True    # memory format of the model and the batches
+    compile: bool = False         # torch.compile the training model
+    progress: bool = True         # tqdm bar on each node's local rank 0 (when stderr is a terminal)
+    invalid_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.01])  # L1-norm thresholds of the invalid-filter counts
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     grafting: GraftingConfig = field(default_factory=GraftingConfig)
@@ -329,3 +329,39 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(dump_config(cfg))
     os.replace(tmp, path)
+
+
+def reference_markdown() -> str:
+    """Every key as a Markdown table: default, allowed values, and the comment beside its field
+    in this file. docs/config.md is this table (a test keeps the two equal)."""
+    import inspect
+    import re
+
+    def comments(cls) -> dict[str, str]:
+        found = {}
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+            if m and m.group(2):
+                found[m.group(1)] = m.group(2).strip()
+        return found
+
+    def rows(cls, prefix=""):
+        notes = comments(cls)
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from rows(hint, key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if key in CHOICES:
+                allowed = ", ".join(CHOICES[key])
+            elif key in RANGES:
+                low, high = RANGES[key]
+                allowed = f">= {low:g}" if high is None else f"{low:g} to {high:g}"
+            else:
+                allowed = getattr(hint, "__name__", str(hint))
+            note = notes.get(f.name, "").split("  # noqa")[0].replace("|", "\\|")
+            yield f"| `{key}` | `{default!r}` | {allowed} | {note} |"
+
+    return "\n".join(["| key | default | allowed | meaning |", "|---|---|---|---|", *rows(Config)]) + "\n"

@@ -106,3 +106,15 @@ def test_print_config_round_trips_and_starts_nothing(tmp_path, capsys):
     assert load_config(printed) == load_config(path, ["epochs=3", "grafting.level=filter"])
     assert main(["--print-config", "optim.lrr=1"]) == 1
     assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_docs_config_table_is_the_schema():
+    """docs/config.md holds the table generated from graft/config.py: a key added, removed or
+    re-described in the code must be regenerated there."""
+    from graft.config import _flatten, reference_markdown
+
+    table = reference_markdown()
+    assert table in (ROOT / "docs" / "config.md").read_text(), (
+        "docs/config.md is stale: regenerate its table with "
+        "python -c 'from graft.config import reference_markdown; print(reference_markdown())'")
+    assert table.count("\n| `") == len(_flatten(Config().to_dict()))  # every key has a row
