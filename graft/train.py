@@ -58,6 +58,9 @@ class Stop(Exception):
 
 def _install_signal_handlers() -> None:
     def handler(signum, _frame):
+        # Under srun a worker gets SIGTERM twice (from slurmstepd, then from torchrun's agent):
+        # the second must not interrupt the first's clean stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Stop(f"received {signal.Signals(signum).name}: stopped; the last complete checkpoint "
                    "is intact, rerun the same command to resume")
     signal.signal(signal.SIGTERM, handler)

@@ -82,8 +82,10 @@ def test_configs_named_in_scripts_exist(script):
 def test_sbatch_scripts():
     for script in SBATCH:
         text = script.read_text()
-        for directive in ("--job-name", "--nodes", "--time", "--output", "--requeue", "--signal=B:TERM@"):
+        # The warning is USR1, not TERM: a plain scancel sends TERM to the batch shell too.
+        for directive in ("--job-name", "--nodes", "--time", "--output", "--requeue", "--signal=B:USR1@"):
             assert re.search(rf"^#SBATCH {re.escape(directive)}", text, re.M), f"{rel(script)}: {directive}"
+        assert "source scripts/slurm/_job.sh" in text and "wait_step $!" in text, rel(script)
         assert re.search(r"^#SBATCH --gpus", text, re.M), rel(script)
         assert "set -euo pipefail" in text and "-m graft.train" in text, rel(script)
         assert re.search(r"^srun\b.* torchrun ", text, re.M), rel(script)
