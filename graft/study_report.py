@@ -226,7 +226,7 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
     left.legend(fontsize=8)
     split = next((r["curve_split"] for rs in per_arm.values() for r in rs.values()), "val")
     right.set_xlabel("epoch")
-    right.set_ylabel(f"{'validation' if split == 'val' else 'test'} accuracy (%), mean over networks and seeds")
+    right.set_ylabel(f"{'validation' if split == 'val' else 'test'} accuracy (%), mean")
     right.set_title("learning curves")
     right.legend(fontsize=8)
     lows = [v for rs in per_arm.values() for r in rs.values() for v in r["curve"][len(r["curve"]) // 2:]]
