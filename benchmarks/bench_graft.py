@@ -4,6 +4,8 @@ its cost grows with N and model size. Every figure is the slowest rank's median 
     python benchmarks/bench_graft.py [--write]            # ours vs official, ResNet-56 and MobileNetV2, N = 2, 3
     python benchmarks/bench_graft.py --scaling [--write]  # ours, N = 2..4, ResNet-20..110
     python benchmarks/bench_graft.py --hybrid [--write]   # ours, 2 networks x 1 or 2 replicas
+    python benchmarks/bench_graft.py --device cuda --models resnet56 --networks 2   # on GPUs (NCCL with a
+                                                          # GPU per network, else gloo through the host)
 """
 
 import argparse
@@ -21,12 +23,12 @@ OFFICIAL_POLL = 10.0  # seconds: grafting_cifar/grafting.py's time.sleep(10)
 
 
 def measure(model: str, n: int, repeat: int, polls: list[float], exchanges: list[str],
-            replicas: int = 1) -> list[dict]:
+            replicas: int = 1, device: str = "cpu") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                str(ROOT / "benchmarks" / "graft_worker.py"), model, tmp, str(repeat), str(out),
-               ",".join(map(str, polls)) or "", ",".join(exchanges), str(replicas)]
+               ",".join(map(str, polls)) or "", ",".join(exchanges), str(replicas), device]
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
         subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return json.loads(out.read_text())
@@ -41,9 +43,9 @@ def compare(args) -> str:
             "| official with its 10 s poll, modelled (s) | speed-up vs no-poll | speed-up vs 10 s poll "
             "| bytes in, ours ring / official (MB) |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for model in ("resnet56", "mobilenetv2"):
-        for n in (2, 3):
-            ranks = measure(model, n, args.repeat, [0.001], ["all_gather", "ring"])
+    for model in args.models:
+        for n in args.networks:
+            ranks = measure(model, n, args.repeat, [0.001], ["all_gather", "ring"], device=args.device)
             ag, _ = slowest(ranks, "ours-all_gather")
             rg, rg_bytes = slowest(ranks, "ours-ring")
             fast, off_bytes = slowest(ranks, "official-poll0.001")
@@ -52,8 +54,9 @@ def compare(args) -> str:
             rows.append(f"| {model} | {n} | {ag * 1e3:.1f} | {rg * 1e3:.1f} | {fast * 1e3:.1f} | {slow:.2f} | "
                         f"{fast / best:.1f}x | {slow / best:.0f}x | {rg_bytes / 1e6:.2f} / {off_bytes / 1e6:.2f} |")
             print(rows[-1], flush=True)
+    on = "gloo" if args.device == "cpu" else f"{args.device} (NCCL with a GPU per network, else gloo)"
     return ("## Graft step: ours against the official mechanism\n\n"
-            "Ours: `graft.ring.graft_step` on gloo (check-in, entropy table, flat-buffer exchange, batched "
+            f"Ours: `graft.ring.graft_step` on {on} (check-in, entropy table, flat-buffer exchange, batched "
             "entropies, blend). Official, re-created: `torch.save` of the state dict, the neighbour polling "
             "for the file, `torch.load`, the per-key Python loop with its 10-pass entropy. \"No poll wait\" "
             "polls every 1 ms, the best case for files. All processes start each repeat together (a "
@@ -106,6 +109,9 @@ def main():
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--hybrid", action="store_true")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["resnet56", "mobilenetv2"], help="ours vs official only")
+    parser.add_argument("--networks", nargs="+", type=int, default=[2, 3], help="ours vs official only")
+    parser.add_argument("--device", default="cpu", help="ours vs official only: cpu or cuda")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     name, section = (("graft-scaling", scaling) if args.scaling else ("graft-hybrid", hybrid) if args.hybrid

@@ -23,9 +23,10 @@ def official_entropy(x, n=10):
 def official_graft(state, folder: Path, i: int, n: int, tag: int, poll: float, A=0.4, c=500):
     torch.save({"net": state}, folder / f"ckpt{i}_{tag}.t7")
     peer_file = folder / f"ckpt{(i - 1) % n}_{tag}.t7"
+    device = next(iter(state.values())).device  # the peer's tensors were saved on the peer's GPU
     while True:
         try:
-            checkpoint = torch.load(peer_file)["net"]
+            checkpoint = torch.load(peer_file, map_location=device)["net"]
             break
         except Exception:
             time.sleep(poll)
