@@ -70,7 +70,8 @@ def compare(args) -> str:
 
 
 def scaling(args) -> str:
-    rows = ["| model | N | parameters+buffers (MB) | all_gather (ms) | bytes in (MB) | ring (ms) | bytes in (MB) | peak RSS per rank (MB) |",
+    rows = ["| model | N | parameters+buffers (MB) | all_gather (ms) | bytes in (MB) | ring (ms) | bytes in (MB) "
+            "| peak RSS per rank (MB) |",
             "|---|---|---|---|---|---|---|---|"]
     for model in ("resnet20", "resnet32", "resnet56", "resnet110"):
         for n in (2, 3, 4):

@@ -119,11 +119,10 @@ def main():
     for name in args.models:
         o, o_nchw, o_bf16, r, ratios, ratios_bf16 = [], [], [], [], [], []
         for pair in range(args.pairs):
-            runs = [("ours", lambda: ours(name, train, mean, std, args.steps, args.warmup, device)),
-                    ("ref", lambda: reference(name, train, mean, std, args.steps, args.warmup, device))]
+            runs = [("ours", ours), ("ref", reference)]
             if pair % 2:
                 runs.reverse()
-            got = {label: fn() for label, fn in runs}
+            got = {label: fn(name, train, mean, std, args.steps, args.warmup, device) for label, fn in runs}
             o.append(got["ours"])
             r.append(got["ref"])
             ratios.append(got["ours"] / got["ref"])

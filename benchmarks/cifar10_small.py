@@ -30,6 +30,11 @@ STUDIES = {"grafting": ("baseline", "graft-2", "graft-3"),
            "cultivation": ("baseline", "graft-2", "kd", "graft-kd")}
 
 
+def project_path(path: str) -> str:
+    """A path as the report prints it: relative to the project, so that it holds on any machine."""
+    return os.path.relpath(path, ROOT) if os.path.isabs(path) else path
+
+
 def launch(args, out: Path, nproc: int, overrides: list[str], threads: int = 1) -> Path:
     if (out / "summary.json").exists():
         return out
@@ -136,9 +141,9 @@ def write_report(args, results: dict[str, list[list[dict]]]) -> None:
                     f"{mean_std(p['mean_final'])} | {mean_std(p['mean_best'])} | {mean_std(p['ens_final'])} | "
                     f"{mean_std(p['ens_best'])} | {statistics.mean(p['inv01']):.1f} / {f['filters']} | "
                     f"{statistics.mean(p['inv001']):.1f} / {f['filters']} | {statistics.mean(p['overhead']):.2f}% |")
-    cmd = "python benchmarks/cifar10_small.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/cifar10_small.py " + " ".join(map(project_path, sys.argv[1:]))
     minutes = {arm: sum(train_minutes(recs) for recs in runs) for arm, runs in results.items()}
-    time_line = (f"Time on this machine (2-core CPU; per epoch the slowest network, summed): "
+    time_line = ("Time on this machine (2-core CPU; per epoch the slowest network, summed): "
                  + ", ".join(f"{arm} {m:.0f} min" for arm, m in minutes.items())
                  + f"; {sum(minutes.values()):.0f} min in all, plus about a minute per run to start and load "
                  "the data.\n")
@@ -156,7 +161,7 @@ def write_report(args, results: dict[str, list[list[dict]]]) -> None:
     text = f"""# {title} on real CIFAR-10, small scale (CPU)
 
 Command: `{cmd}`
-Data: `{args.data}` (real CIFAR-10 JPEGs), class-balanced training subset of {args.train_subset} images,
+Data: `{project_path(args.data)}` (real CIFAR-10 JPEGs), class-balanced training subset of {args.train_subset} images,
 the full 10,000-image test set. Model {args.model}, {args.epochs} epochs, batch 128 per network, SGD lr 0.1
 momentum 0.9 wd 5e-4, cosine schedule, difflr (network k of N starts at lr (1 + cos(pi (N-k)/N)) / 2),
 seeds {", ".join(map(str, args.seeds))}. {teacher_line}Accuracies in %, mean ± std over seeds. "net 1" is the first network

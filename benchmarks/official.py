@@ -30,10 +30,16 @@ def official_graft(state, folder: Path, i: int, n: int, tag: int, poll: float, A
             break
         except Exception:
             time.sleep(poll)
+    return official_blend(state, checkpoint, A, c), 2 * os.path.getsize(peer_file)  # written and read
+
+
+def official_blend(state, peer, A=0.4, c=500):
+    """The per-key loop: a key containing "conv" sets alpha from the two entropies; every key
+    is blended with the last alpha set."""
     model = {}
     w = None
     for key, u in state.items():
         if "conv" in key:
-            w = round(A / math.pi * math.atan(c * (official_entropy(u) - official_entropy(checkpoint[key]))) + 0.5, 2)
-        model[key] = u * w + checkpoint[key] * (1 - w)
-    return model, 2 * os.path.getsize(peer_file)  # written and read
+            w = round(A / math.pi * math.atan(c * (official_entropy(u) - official_entropy(peer[key]))) + 0.5, 2)
+        model[key] = u * w + peer[key] * (1 - w)
+    return model

@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
+
 FORMAT = "graft-checkpoint/1"
 _EPOCH_FILE = re.compile(r"epoch(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: the message names the file and why."""
 
 
@@ -192,6 +194,11 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# What a refused resume suggests: the run asked for is another run, and belongs in its own directory.
+ELSEWHERE = ("to start this run alongside it, give it its own output_dir=... (or resume=never, which picks "
+             "output_dir-1, -2, ...)")
+
+
 def check_setup(path: Path, saved: dict | None, current: dict) -> None:
     """Raise CheckpointError listing every setting that differs from the checkpoint's.
 
@@ -203,4 +210,4 @@ def check_setup(path: Path, saved: dict | None, current: dict) -> None:
              if k in saved and saved[k] != v and not (k == "num_classes" and saved[k] == 0)]
     if diffs:
         raise CheckpointError(f"{path}: cannot resume, the run was set up differently ({'; '.join(diffs)}); "
-                              "restore those settings, or start afresh with resume=never")
+                              f"{ELSEWHERE}, or restore those settings to continue it")

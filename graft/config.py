@@ -16,9 +16,17 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad config: the message names the source and the key."""
+
+
+# What graft-train and graft-run say, with their usage, when given neither a config nor an
+# override: every default at once is a 200-epoch run into runs/default, surely not what was meant.
+NOTHING_TO_RUN = ("nothing to run: give --config FILE (configs/quickstart.yaml is the smallest) and/or "
+                  "key=value overrides")
 
 
 @dataclass
@@ -260,12 +268,15 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file; expected a YAML config") from None
         try:
-            values = yaml.load(text, _UniqueKeyLoader) or {}
+            values = yaml.load(text, _UniqueKeyLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        if values is None:  # nothing but whitespace and comments: surely not the run meant
+            raise ConfigError(f"{path}: empty config file (no keys): nothing says what to train; "
+                              "start from one of configs/ (configs/quickstart.yaml is the smallest)")
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     cfg = _build(Config, values, source)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -67,15 +67,32 @@ def _rows_entropy(rows: Tensor, segment: Tensor, lengths: Tensor, bins: int,
     width = hi - lo
     # A constant segment has width 0: every value falls into bin 0 and the entropy is 0.
     scale = bins / torch.where(width > 0, width, torch.ones_like(width))
+    # Finite values whose width (max - min) or bins / width overflows the dtype (float32 weights
+    # near +-3e38, or all within a few subnormals) are binned in float64 instead (one sync).
+    wide = torch.isfinite(lo) & torch.isfinite(hi) & ~(torch.isfinite(width) & torch.isfinite(scale))
+    wide_rows = wide[segment] if bool(wide.any()) else None
+    if wide_rows is not None:
+        wide_index = _wide_positions(rows[wide_rows], lo, hi, segment[wide_rows], bins).to(torch.int32)
     position = (rows.sub_ if owned else rows.sub)(lo[segment, None]).mul_(scale[segment, None])
-    index = position.to(torch.int32).clamp_(0, bins - 1)  # the maximum lands in the top bin
+    index = position.to(torch.int32)
+    if wide_rows is not None:
+        index[wide_rows] = wide_index
+    index.clamp_(0, bins - 1)  # the maximum lands in the top bin
     index += (segment.to(torch.int32) * bins)[:, None]
     counts = torch.bincount(index.view(-1), minlength=n * bins)
     if padding is not None:
         first_row = torch.searchsorted(segment, torch.arange(n, device=segment.device))
         counts.index_add_(0, index[first_row, 0].long(), -padding)
     p = counts.view(n, bins).to(rows.dtype) / lengths.to(rows.dtype).unsqueeze(1)
-    return 0.0 - torch.xlogy(p, p).sum(1)  # 0 - 0 is +0: a constant prints as 0, not -0
+    h = 0.0 - torch.xlogy(p, p).sum(1)  # 0 - 0 is +0: a constant prints as 0, not -0
+    return torch.where(torch.isfinite(lo) & torch.isfinite(hi), h, torch.nan)  # a NaN or Inf value: NaN
+
+
+def _wide_positions(rows: Tensor, lo: Tensor, hi: Tensor, segment: Tensor, bins: int) -> Tensor:
+    """Bin positions (x - min) / (max - min) * bins in float64, with every term halved first and a
+    division rather than a reciprocal, so that no step overflows (float64 values included)."""
+    lo, hi = lo.double()[segment, None] / 2, hi.double()[segment, None] / 2
+    return (rows.double() / 2 - lo) / (hi - lo) * bins
 
 
 def _as_float(t: Tensor) -> Tensor:
@@ -98,7 +115,8 @@ def weight_entropy(tensor: Tensor, bins: int = 10) -> Tensor:
     """Shannon entropy (natural log) of the histogram of all values of ``tensor``.
 
     ``bins`` equal-width bins span [min, max]; every value is counted, the maximum in the top
-    bin. A constant (or empty) tensor has entropy 0. Returns a 0-dim tensor on the tensor's device.
+    bin. A constant (or empty) tensor has entropy 0, one holding NaN or Inf has entropy NaN.
+    Returns a 0-dim tensor on the tensor's device.
     """
     return filter_entropy(tensor.reshape(1, -1), bins)[0]
 
@@ -349,9 +367,13 @@ def check_compatible(own: Mapping[str, Tensor], peer: Mapping[str, Tensor]) -> N
 
 
 def first_non_finite(state: Mapping[str, Tensor]) -> str | None:
-    """The first key holding NaN or Inf, or None (one device sync in all)."""
+    """The first key holding NaN or Inf, or None: one pass over all values (a flat copy per
+    dtype), and a search for the key only when one holds a NaN or Inf."""
     keys = [k for k, t in state.items() if t.is_floating_point() and t.numel()]
-    if not keys:
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for k in keys:
+        by_dtype.setdefault(state[k].dtype, []).append(state[k].detach().reshape(-1))
+    if all(bool(torch.cat(flat).isfinite().all()) for flat in by_dtype.values()):
         return None
     finite = torch.stack([state[k].isfinite().all() for k in keys]).tolist()
     return next((k for k, ok in zip(keys, finite) if not ok), None)
@@ -375,14 +397,36 @@ def plan_entropies(state: Mapping[str, Tensor], plan: GraftPlan, bins: int = 10)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _blend(own: Tensor, peer: Tensor, offset) -> Tensor:
+def _blend(own: Tensor, peer: Tensor, offset: float | Tensor) -> Tensor:
     """alpha * own + (1 - alpha) * peer with alpha = 0.5 + offset, written so that blending a
     tensor with itself is exact and the two sides of a 2-network ring get identical results."""
     if own.dtype in _LOW_PRECISION:  # own + peer can overflow the dtype where the blend does not
         return _blend(own.double(), peer.double(), offset).to(own.dtype)
-    if isinstance(offset, Tensor):
-        offset = offset.to(own.dtype)
-    return 0.5 * (own + peer) + offset * (own - peer)
+    # 0.5 * (own + peer) + offset * (own - peer), in place on two temporaries (the offset, a
+    # Python float, is rounded to the tensor's dtype as a tensor of it would be).
+    return torch.add(own, peer).mul_(0.5).add_(torch.sub(own, peer).mul_(offset))
+
+
+# Tensors up to this many values (biases, BatchNorm tensors, small convs) are blended together:
+# for them a kernel launch costs more than the arithmetic.
+_SMALL = 4096
+
+
+def _blend_small(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], offsets: dict[str, float]) -> dict[str, Tensor]:
+    """``_blend`` of many small tensors at once: one flat buffer per dtype, each tensor's offset
+    repeated over its values. The same arithmetic, value by value; returns views of the result."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key in offsets:
+        by_dtype.setdefault(own[key].dtype, []).append(key)
+    out = {}
+    for dtype, keys in by_dtype.items():
+        sizes = [own[k].numel() for k in keys]
+        flat_own, flat_peer = (torch.cat([s[k].reshape(-1) for k in keys]) for s in (own, peer))
+        offset = torch.tensor([offsets[k] for k in keys], dtype=torch.float64, device=flat_own.device)
+        offset = offset.to(torch.float64 if dtype in _LOW_PRECISION else dtype)  # as _blend rounds a float
+        blended = _blend(flat_own, flat_peer, offset.repeat_interleave(torch.tensor(sizes, device=offset.device)))
+        out.update({k: piece.view(own[k].shape) for k, piece in zip(keys, blended.split(sizes))})
+    return out
 
 
 def graft_with_entropies(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], plan: GraftPlan,
@@ -400,13 +444,15 @@ def graft_with_entropies(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], 
     else:
         off = _graft_offset(h_self.to(torch.float64), h_peer.to(torch.float64), A, c)
         alphas = (off + 0.5).tolist()
-        offsets = dict(zip(plan.layers, off.unbind(0)))
+        offsets = dict(zip(plan.layers, off.tolist()))  # floats: no tensor conversion per key
     report = GraftReport(level, plan.compat,
                          [LayerRecord(k, a, b, al) for k, a, b, al in zip(plan.layers, hs, hp, alphas)],
                          dict(plan.follows))
 
     out: dict[str, Tensor] = {}
     filter_offsets = _filter_offsets(own, peer, plan, report) if level == "filter" else {}
+    small = {} if plan.compat == "reference" else _blend_small(own, peer, {
+        k: offsets[lead] for k, lead in plan.follows.items() if k not in filter_offsets and own[k].numel() <= _SMALL})
     for key, t in own.items():
         leader = plan.follows.get(key)
         if leader is None:
@@ -416,6 +462,8 @@ def graft_with_entropies(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], 
             out[key] = (t * w + peer[key] * (1 - w)).to(t.dtype)
         elif key in filter_offsets:
             out[key] = _blend_filters(t, peer[key], *filter_offsets[key], offsets[leader])
+        elif key in small:
+            out[key] = small[key]
         else:
             out[key] = _blend(t, peer[key], offsets[leader])
     return out, report
@@ -428,7 +476,7 @@ def _filter_offsets(own, peer, plan: GraftPlan, report: GraftReport) -> dict[str
     alpha_j = |g_self_j| / (|g_self_j| + |g_peer_j|) written as an offset from 0.5 (0/0 -> 0.5).
     """
     channel: dict[str, Tensor] = {}
-    for conv, bn in plan.bn_after.items():
+    for bn in plan.bn_after.values():
         g_self, g_peer = own[f"{bn}.weight"].abs(), peer[f"{bn}.weight"].abs()
         total = g_self + g_peer
         channel[bn] = torch.where(total > 0, 0.5 * (g_self - g_peer) / total, torch.zeros_like(total))
@@ -458,7 +506,9 @@ def _blend_filters(own: Tensor, peer: Tensor, out_off, in_off, layer_off) -> Ten
 
     if in_off is None:
         return _blend(own, peer, column(out_off, 0))
-    alpha_out = 0.5 + (column(out_off, 0) if out_off is not None else layer_off.to(own.dtype))
+    if out_off is None:
+        out_off = torch.tensor([layer_off], dtype=own.dtype, device=own.device)
+    alpha_out = 0.5 + column(out_off, 0)
     alpha = alpha_out * (0.5 + column(in_off, 1))
     return alpha * own + (1 - alpha) * peer
 
@@ -472,11 +522,14 @@ def graft_state_dict(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], leve
     dtypes, or when either holds NaN or Inf.
     """
     check_compatible(own, peer)
-    check_finite(own, "own state")
-    check_finite(peer, "peer state")
     plan = make_plan(own, compat)
-    h_self = plan_entropies(own, plan, bins)
-    h_peer = plan_entropies(peer, plan, bins)
+    h_self, h_peer = plan_entropies(own, plan, bins), plan_entropies(peer, plan, bins)
+    # A NaN or Inf in a layer makes its entropy NaN (in the default mode), so while the entropies
+    # are finite only the other tensors (biases, BatchNorm: a few percent of the values) need a look.
+    layers = set(plan.layers)
+    for state, h, name in ((own, h_self, "own state"), (peer, h_peer, "peer state")):
+        layers_finite = compat == "default" and bool(h.isfinite().all())
+        check_finite({k: t for k, t in state.items() if not (layers_finite and k in layers)}, name)
     return graft_with_entropies(own, peer, plan, h_self, h_peer, level, A, c)
 
 

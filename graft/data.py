@@ -28,8 +28,9 @@ import sys
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -38,14 +39,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     from .config import DataConfig
 
 __all__ = [
-    "NAMES",
     "DataError",
     "ArraySplit",
     "Splits",
+    "check_data",
     "load_arrays",
     "balanced_subset",
     "InMemoryLoader",
@@ -53,13 +56,11 @@ __all__ = [
     "EpochLoader",
 ]
 
-NAMES = ("cifar10", "cifar100", "imagefolder", "tar", "synthetic")
 SPLITS = ("train", "test")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data set that cannot be used: the message names the config key and the file."""
 
 
@@ -80,7 +81,7 @@ class ArraySplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, mask_or_index: Tensor) -> "ArraySplit":
+    def take(self, mask_or_index: Tensor) -> ArraySplit:
         return ArraySplit(self.images[mask_or_index], self.labels[mask_or_index])
 
 
@@ -102,7 +103,7 @@ class Splits(NamedTuple):
     test: ArraySplit
 
 
-def load_arrays(cfg: "DataConfig") -> Splits:
+def load_arrays(cfg: DataConfig) -> Splits:
     """Return (train, eval, num_classes, mean, std, test) for in-memory data.
 
     Order of operations: ``train_subset``/``test_subset`` first (first k per class in file or
@@ -111,25 +112,20 @@ def load_arrays(cfg: "DataConfig") -> Splits:
     ``eval_split`` only chooses which split is evaluated every epoch.
 
     mean/std are per-channel, in [0, 1] units: the usual constants for cifar10, computed from
-    the returned training images otherwise.
+    the returned training images otherwise. ``cfg`` is a validated config (graft.config checks
+    the name, the fractions and the split); the data's own paths are checked here.
     """
-    if cfg.name not in NAMES:
-        raise DataError(f"data.name: unknown data set {cfg.name!r} (valid: {', '.join(NAMES)})")
-    if cfg.eval_split not in ("test", "val"):
-        raise DataError(f"data.eval_split: must be 'test' or 'val', got {cfg.eval_split!r}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise DataError(f"data.val_fraction: must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.eval_split == "val" and cfg.val_fraction <= 0:
-        raise DataError("data.eval_split: 'val' needs data.val_fraction > 0")
-
+    check_data(cfg)
     if cfg.name in _CIFAR_DIRS:
         train, test, num_classes = _load_cifar(cfg)
     elif cfg.name == "tar":
         train, test, num_classes = _load_tar(cfg.root, cfg.image_size, cfg.cache_dir)
     elif cfg.name == "imagefolder":
         train, test, num_classes = _load_folder(cfg.root, cfg.image_size)
-    else:
+    elif cfg.name == "synthetic":
         train, test, num_classes = _synthetic(cfg.image_size)
+    else:
+        raise ValueError(f"data.name: unknown data set {cfg.name!r} (graft.config lists the valid ones)")
 
     if cfg.train_subset:
         train = train.take(balanced_subset(train.labels, cfg.train_subset, num_classes))
@@ -145,6 +141,27 @@ def load_arrays(cfg: "DataConfig") -> Splits:
     else:
         mean, std = channel_stats(train.images)
     return Splits(train, val if cfg.eval_split == "val" else test, num_classes, mean, std, test)
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Raise DataError when the data set named by ``cfg`` is not where ``data.root`` says: the
+    same error the training processes would raise, found in a moment, before they start."""
+    if cfg.name in _CIFAR_DIRS:
+        folder = os.path.join(cfg.root, _CIFAR_DIRS[cfg.name])
+        if not cfg.download and not os.path.isdir(folder):
+            raise DataError(
+                f"data.root: {cfg.name} not found: expected the python-version batches in {folder} (set data.root to "
+                f"the folder holding {_CIFAR_DIRS[cfg.name]}/, data.download=true to fetch them when online, or "
+                "data.name=tar data.root=FILE.tar.gz for a .tar.gz of train/ and test/ image folders)")
+    elif cfg.name == "tar":
+        if not os.path.isfile(cfg.root):
+            raise DataError(f"data.root: no such file: {cfg.root} (expected a .tar.gz of train/ and test/ "
+                            "ImageFolder trees)")
+    elif cfg.name == "imagefolder":
+        for split in SPLITS:
+            if not os.path.isdir(os.path.join(cfg.root, split)):
+                raise DataError(f"data.root: no such directory: {os.path.join(cfg.root, split)} "
+                                "(expected a folder holding train/ and test/ ImageFolder trees)")
 
 
 def _rank_in_class(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -189,13 +206,7 @@ def channel_stats(images: Tensor) -> tuple[tuple, tuple]:
     return tuple(mean), tuple(std)
 
 
-def _load_cifar(cfg: "DataConfig") -> tuple[ArraySplit, ArraySplit, int]:
-    folder = os.path.join(cfg.root, _CIFAR_DIRS[cfg.name])
-    if not cfg.download and not os.path.isdir(folder):
-        raise FileNotFoundError(
-            f"data.root: {cfg.name} not found: expected the python-version batches in {folder} "
-            f"(set data.root to the folder holding {_CIFAR_DIRS[cfg.name]}/, or data.download=true "
-            "to fetch them when online)")
+def _load_cifar(cfg: DataConfig) -> tuple[ArraySplit, ArraySplit, int]:
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if cfg.name == "cifar10" else torchvision.datasets.CIFAR100
@@ -225,9 +236,6 @@ def _synthetic(image_size: int) -> tuple[ArraySplit, ArraySplit, int]:
 
 def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, ArraySplit, int]:
     """Decode ``path`` once and keep the result as ``<cache_dir>/<sha256[:16]>-<size>px.pt``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.root: no such file or directory: {path} "
-                                "(expected a .tar.gz of train/ and test/ ImageFolder trees)")
     cache_dir = os.path.expanduser(cache_dir or "~/.cache/graft")
     cache = os.path.join(cache_dir, f"{_sha256(path)[:16]}-{image_size}px-v{_CACHE_VERSION}.pt")
     if os.path.isfile(cache):
@@ -236,6 +244,9 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
         except Exception:  # a damaged or foreign cache is rebuilt below rather than trusted
             pass
 
+    # CIFAR-10's 60,000 JPEGs take about 10 s (a minute on a busy CPU): say what is going on.
+    print(f"data: decoding {path} ({os.path.getsize(path) / 1e6:.1f} MB) at {image_size} px into {cache}; "
+          "once: later runs read that file", flush=True)
     try:
         _check_gzip(path)
         with tarfile.open(path, mode="r|*") as tar:
@@ -307,9 +318,8 @@ def _check_gzip(path: str) -> None:
 
 def _load_folder(root: str, image_size: int) -> tuple[ArraySplit, ArraySplit, int]:
     """Decode a ``root/{train,test}/<class>/<image>`` tree into memory (no cache)."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"data.root: no such file or directory: {root} "
-                                "(expected a folder holding train/ and test/ ImageFolder trees)")
+    print(f"data: decoding the images under {root} at {image_size} px (a folder is decoded on every run; "
+          "a .tar.gz of it, data.name=tar, only once)", flush=True)
     files: dict[str, None] = {}
     for split in SPLITS:
         for dirpath, _, filenames in os.walk(os.path.join(root, split)):
@@ -543,7 +553,7 @@ class EpochLoader(DataLoader):
             self.sampler.set_epoch(epoch)
 
 
-def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_in_group: int = 0,
+def build_folder_loaders(cfg: DataConfig, batch_size: int, *, seed: int, rank_in_group: int = 0,
                          group_size: int = 1) -> tuple[DataLoader, DataLoader, int, DataLoader]:
     """(train_loader, eval_loader, num_classes, test_loader) for an ImageFolder tree too big for
     memory (``test_loader`` is ``eval_loader`` unless ``eval_split`` is 'val').
@@ -562,11 +572,7 @@ def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_
 
     if cfg.name != "imagefolder":
         raise DataError(f"data.name: build_folder_loaders needs 'imagefolder', got {cfg.name!r}")
-    for split in SPLITS:
-        if not os.path.isdir(os.path.join(cfg.root, split)):
-            raise FileNotFoundError(
-                f"data.root: no such file or directory: {os.path.join(cfg.root, split)} "
-                "(expected a folder holding train/ and test/ ImageFolder trees)")
+    check_data(cfg)
     size = cfg.image_size
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
@@ -596,8 +602,6 @@ def build_folder_loaders(cfg: "DataConfig", batch_size: int, *, seed: int, rank_
         test_ds = Subset(test_ds, mask.nonzero().squeeze(1).tolist())
     eval_ds = test_ds
     if cfg.eval_split == "val":
-        if cfg.val_fraction <= 0:
-            raise DataError("data.eval_split: 'val' needs data.val_fraction > 0")
         eval_ds = Subset(folder(os.path.join(cfg.root, "train"), transform=eval_tf),
                          val_idx.tolist())
     if len(train_idx) < len(train_labels):

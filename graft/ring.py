@@ -19,6 +19,7 @@ Exchange, per graft:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,18 +30,38 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import core
+from .errors import UserError
 
 
-class TopologyError(RuntimeError):
+class TopologyError(UserError, RuntimeError):
     """The processes cannot be arranged as asked (wrong world size, GPUs shared by NCCL...)."""
 
 
-class PeerTimeout(RuntimeError):
+class PeerTimeout(UserError, RuntimeError):
     """A rank did not reach the epoch boundary in time."""
 
 
-class GraftError(RuntimeError):
+class GraftError(UserError, RuntimeError):
     """Grafting refused (NaN or Inf weights in some network)."""
+
+
+class PeerLost(UserError, RuntimeError):
+    """A collective failed: another rank went away (its own error says why)."""
+
+
+@contextlib.contextmanager
+def collectives():
+    """Code that talks to the other ranks. gloo reports a peer that went away as a plain
+    RuntimeError (NCCL as a DistError); either leaves here as PeerLost, so that the entry point
+    recognises it by its type. Usable as a decorator."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, (UserError, torch.OutOfMemoryError)) or not dist.is_initialized():
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PeerLost(f"communication with the other ranks failed ({type(e).__name__}: {first}); a peer "
+                       "probably stopped first: see its error. Rerun the same command to resume.") from None
 
 
 @dataclass
@@ -87,9 +108,11 @@ class Topology:
         return network * self.replicas
 
     def describe(self) -> str:
-        ring = " <- ".join(str(k) for k in range(self.networks)) + (" <- 0" if self.networks > 1 else "")
+        ring = "none (one network)"
+        if self.networks > 1:  # weights flow along the arrows: network k grafts from k-1
+            ring = " -> ".join(str(k) for k in [*range(self.networks), 0]) + " (network k grafts from k-1)"
         return (f"topology: {self.networks} network(s) x {self.replicas} replica(s) = world {self.world}; "
-                f"backend {self.backend}; device {self.device.type}; ring (grafts from): {ring}")
+                f"backend {self.backend}; device {self.device.type}; ring: {ring}")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -171,29 +194,32 @@ def arrive(topo: Topology, tag: str, timeout: float | None = None) -> None:
     """Wait until every rank has reached ``tag``; on timeout name the ranks that did not.
 
     Uses the rendezvous store, so a dead peer is reported by name instead of surfacing as a
-    collective's anonymous timeout.
+    collective's anonymous timeout. The store is polled between short sleeps rather than
+    waited on in one blocking call, which no signal interrupts: a SIGTERM (torchrun stopping
+    the group, a scheduler's preemption) is handled within 0.1 s.
     """
     if not topo.distributed:
         return
     timeout = topo.timeout if timeout is None else timeout
     store = dist.distributed_c10d._get_default_store()  # already one key space per attempt
     key = f"arrive/{tag}/".__add__
-    store.set(key(str(topo.rank)), "1")
     keys = [key(str(r)) for r in range(topo.world)]
+    start = time.monotonic()
     try:
-        store.wait(keys, timedelta(seconds=timeout))
-    except Exception:  # the store raises its own timeout/connection errors
-        missing = []
-        for r in range(topo.world):
-            try:
-                if not store.check([key(str(r))]):
-                    missing.append(r)
-            except Exception:
-                missing = [r for r in range(topo.world) if r != topo.rank]
+        store.set(key(str(topo.rank)), "1")
+        while not store.check(keys):
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                missing = [r for r in range(topo.world) if not store.check([key(str(r))])]
                 break
-        names = ", ".join(f"network {r // topo.replicas} (rank {r})" for r in missing) or "a peer"
-        raise PeerTimeout(f"rank {topo.rank}: {names} did not arrive at {tag} within {timeout:g} s; "
-                          "it probably died: see its log. Rerun the same command to resume.") from None
+            time.sleep(min(0.1, 0.001 + waited / 10, timeout - waited))  # late by at most 10% of the wait
+        else:
+            return
+    except RuntimeError:  # the store's own errors (DistError): it is gone, with its host, torchrun's agent
+        missing = [r for r in range(topo.world) if r != topo.rank]
+    names = ", ".join(f"network {r // topo.replicas} (rank {r})" for r in missing) or "a peer"
+    raise PeerTimeout(f"rank {topo.rank}: {names} did not arrive at {tag} within {timeout:g} s; "
+                      "it probably died: see its log. Rerun the same command to resume.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +235,7 @@ class FlatState:
     layout: list[tuple[str, torch.dtype, int, torch.Size]]
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor]) -> "FlatState":
+    def from_state(cls, state: dict[str, Tensor]) -> FlatState:
         groups: dict[torch.dtype, list[Tensor]] = {}
         layout, offsets = [], {}
         for key, t in state.items():
@@ -219,10 +245,10 @@ class FlatState:
             groups.setdefault(t.dtype, []).append(t.detach().reshape(-1))
         return cls({dt: torch.cat(ts) for dt, ts in groups.items()}, layout)
 
-    def to(self, device) -> "FlatState":
+    def to(self, device) -> FlatState:
         return FlatState({dt: b.to(device) for dt, b in self.buffers.items()}, self.layout)
 
-    def empty_like(self) -> "FlatState":
+    def empty_like(self) -> FlatState:
         return FlatState({dt: torch.empty_like(b) for dt, b in self.buffers.items()}, self.layout)
 
     def to_state(self) -> dict[str, Tensor]:
@@ -285,6 +311,7 @@ class GraftResult:
     report: core.GraftReport | None     # None on non-leader replicas
 
 
+@collectives()
 def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *, epoch: int,
                level: str = "layer", A: float = 0.4, c: float = 500.0, bins: int = 10,
                exchange: str = "auto") -> tuple[dict[str, Tensor], GraftResult]:
@@ -347,5 +374,6 @@ def all_gather_objects(topo: Topology, obj, leaders_only: bool = True) -> list:
     group = topo.leader_group if leaders_only else None
     size = topo.networks if leaders_only else topo.world
     out = [None] * size
-    dist.all_gather_object(out, obj, group=group)
+    with collectives():
+        dist.all_gather_object(out, obj, group=group)
     return out

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -25,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint, core, distill, ring
-from .config import Config, ConfigError, dump_config, load_config, save_config
+from .config import NOTHING_TO_RUN, Config, ConfigError, dump_config, load_config, save_config
 from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
+from .errors import REPORTED_BY_LAUNCHER, UserError
 from .models import build_model
 from .report import MetricsLog, Progress, TensorBoardLog, epoch_table, summarize
 
@@ -52,19 +55,26 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), False
 
 
-class Stop(Exception):
+class Stop(UserError):
     """SIGTERM / SIGINT: stop between steps; the last complete checkpoint stays intact."""
 
 
-def _install_signal_handlers() -> None:
+class TrainingError(UserError):
+    """Training cannot go on (the loss is NaN or Inf)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _install_signal_handlers() -> dict:
+    """Turn SIGTERM and SIGINT into Stop; returns the handlers they had."""
     def handler(signum, _frame):
         # Under srun a worker gets SIGTERM twice (from slurmstepd, then from torchrun's agent):
         # the second must not interrupt the first's clean stop.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Stop(f"received {signal.Signals(signum).name}: stopped; the last complete checkpoint "
                    "is intact, rerun the same command to resume")
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
 
 def seed_everything(seed: int) -> None:
@@ -76,40 +86,41 @@ def seed_everything(seed: int) -> None:
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scaler, autocast, progress,
                     device, group=None) -> dict:
     """One epoch of SGD. Loss, accuracy and images/s are the network's: summed over its replicas
-    (``group``) in hybrid mode."""
+    (``group``) in hybrid mode, where DDP talks to the replicas in every step."""
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    for images, labels in progress(loader):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast():
-            outputs = model(images)
-            loss = loss_fn(outputs, labels, images)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if per_iter:
+    with ring.collectives() if group is not None else contextlib.nullcontext():
+        for images, labels in progress(loader):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast():
+                outputs = model(images)
+                loss = loss_fn(outputs, labels, images)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if per_iter:
+                scheduler.step()
+            total_loss += loss.detach() * labels.numel()
+            correct += (outputs.argmax(1) == labels).sum()
+            seen += labels.numel()
+            progress.step(total_loss, correct, seen)
+        seconds = time.perf_counter() - start
+        if not per_iter:
             scheduler.step()
-        total_loss += loss.detach() * labels.numel()
-        correct += (outputs.argmax(1) == labels).sum()
-        seen += labels.numel()
-        progress.step(total_loss, correct, seen)
-    seconds = time.perf_counter() - start
-    if not per_iter:
-        scheduler.step()
-    totals = torch.stack([total_loss.double(), correct.double(), torch.tensor(float(seen), device=device)])
-    if group is not None:
-        dist.all_reduce(totals, group=group)
+        totals = torch.stack([total_loss.double(), correct.double(), torch.tensor(float(seen), device=device)])
+        if group is not None:
+            dist.all_reduce(totals, group=group)
     loss_sum, correct_n, seen_n = totals.tolist()
     if not math.isfinite(loss_sum):
-        raise FloatingPointError("training loss is NaN or Inf (try a lower optim.lr)")
+        raise TrainingError("training loss is NaN or Inf (try a lower optim.lr)")
     return {"train_loss": loss_sum / max(seen_n, 1), "train_acc": 100.0 * correct_n / max(seen_n, 1),
             "images_per_sec": seen_n / seconds, "train_seconds": seconds}
 
@@ -144,6 +155,7 @@ def evaluate_network(model, loader, autocast, topo: ring.Topology, thresholds, s
             "invalid_filters": {str(t): n for t, n in invalid["invalid"].items()}}
 
 
+@ring.collectives()
 def ensemble_accuracy(topo: ring.Topology, probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Accuracy of the mean of all networks' softmax outputs (leaders only, one all_reduce)."""
     if topo.distributed:
@@ -366,8 +378,8 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
                 "in a new directory)")
         return 0, -1.0, False
     if agreed + 1 > cfg.epochs:
-        raise ConfigError(f"epochs: {cfg.epochs}, but this run already completed {agreed + 1} epochs: nothing to "
-                          f"train (epochs >= {agreed + 1} resumes or extends it)")
+        raise ConfigError(f"epochs: {cfg.epochs}, but the run in {run_dir} already completed {agreed + 1} epochs: "
+                          f"nothing to train. epochs={agreed + 1} or more extends it; {checkpoint.ELSEWHERE}")
     path = checkpoint.epoch_path(run_dir, topo.network, agreed)
     if not path.exists():
         raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
@@ -404,7 +416,7 @@ def resume(cfg, topo, model, optimizer, scheduler, scaler, metrics, log) -> tupl
     return agreed + 1, state.get("best_acc", -1.0), pending
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="graft-train", description=__doc__.splitlines()[0],
         epilog="Overrides use dotted keys, e.g. optim.lr=0.05 grafting.enabled=false epochs=2")
@@ -412,43 +424,64 @@ def parse_args(argv=None):
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides, validated) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config is None and not args.overrides and not args.print_config:
+        if int(os.environ.get("RANK", "0")) == 0:
+            parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: {NOTHING_TO_RUN}", file=sys.stderr)
+        raise SystemExit(2)
+    return args
+
+
+def report_error(e: BaseException, topo: ring.Topology | None) -> None:
+    """Say ``graft: error: ...`` in one line. A config error is the same on every rank: rank 0
+    says it. Under torchrun the line also goes into the error file torchrun gives each worker,
+    where its failure summary and graft-run find it; under graft-run only there (see errors.py)."""
+    rank = topo.rank if topo is not None else int(os.environ.get("RANK", "0"))
+    named = isinstance(e, (ConfigError, ring.PeerTimeout, ring.GraftError))  # the same on every rank, or names it
+    where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed and not named else ""
+    line = f"graft: error: {where}{e}"
+    recorded = False
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+            recorded = True
+        except OSError:
+            pass
+    if (recorded and os.environ.get(REPORTED_BY_LAUNCHER) == "1") or (isinstance(e, ConfigError) and rank != 0):
+        return
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):  # epoch by epoch into a file too (nohup, a Slurm log)
+        sys.stdout.reconfigure(line_buffering=True)
     args = parse_args(argv)
-    topo, finished = None, False
+    topo, finished, handlers = None, False, {}
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
         topo = ring.setup(cfg.data_parallel, cfg.backend, cfg.device, cfg.timeout)
-        _install_signal_handlers()
+        handlers = _install_signal_handlers()
         run(cfg, topo)
         ring.arrive(topo, "end of run")  # nobody tears the group down under a peer still logging
         finished = True
         return 0
-    except (ConfigError, ring.TopologyError, ring.PeerTimeout, ring.GraftError, checkpoint.CheckpointError,
-            DataError, OSError, FloatingPointError, Stop) as e:
-        named = isinstance(e, (ring.PeerTimeout, ring.GraftError))  # the ring's errors name their rank
-        where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed and not named else ""
-        print(f"graft: error: {where}{e}", file=sys.stderr, flush=True)
+    except (UserError, OSError) as e:  # the file system's own errors name their file
+        report_error(e, topo)
         return 1
-    except RuntimeError as e:  # a collective failed (gloo raises plain RuntimeErrors): a peer died first
-        if not (isinstance(e, dist.DistError) or (topo and topo.distributed and "gloo" in str(e))):
-            raise
-        print(f"graft: error: rank {topo.rank if topo else '?'}: communication with the other ranks failed "
-              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); a peer probably died first: see its log. "
-              "Rerun the same command to resume.", file=sys.stderr, flush=True)
-        return 1
-    finally:  # a late SIGTERM must not raise Stop inside the interpreter's exit
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:
+        for s in handlers:  # a late signal (torchrun passes one on) must not interrupt the teardown
+            signal.signal(s, signal.SIG_IGN)
         # After an error too on gloo, whose live group aborts the interpreter's exit; NCCL's is
         # left to the process exit, as destroying it could wait on a collective a dead peer never joins.
         if topo is not None and (finished or topo.backend == "gloo"):
             ring.teardown(topo)
+        for s, previous in handlers.items():
+            signal.signal(s, previous)
 
 
 if __name__ == "__main__":

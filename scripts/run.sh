@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up (first call only) and run the quick start: 2 grafted ResNet-20s on the
 # committed real CIFAR-10 sample, under a minute on a 2-core CPU, ending with the summary table.
-# Extra arguments are config overrides, e.g. scripts/run.sh epochs=2 grafting.enabled=false
+# Extra arguments are config overrides. A run with other settings needs its own output_dir
+# (runs/quickstart holds the quick start's, which a rerun resumes), e.g. the baseline:
+#   scripts/run.sh epochs=2 grafting.enabled=false output_dir=runs/quickstart-baseline
 source "$(dirname "$0")/_env.sh"
-exec torchrun --standalone --nproc_per_node="${NPROC:-2}" -m graft.train \
-    --config configs/quickstart.yaml "$@"
+exec graft-run --standalone --nproc_per_node="${NPROC:-2}" --config configs/quickstart.yaml "$@"

@@ -38,7 +38,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("optim: 0.1\n", r"optim: expected a mapping"),
     ("epochs: [1\n", r"c.yaml: not valid YAML \(line"),
     ("- 1\n- 2\n", r"expected a mapping of keys at the top level"),
-    ("epochs: 3\noptim:\n  lr: 0.1\nepochs: 4\n", r"c.yaml: not valid YAML \(line 4, column 1\): key 'epochs' given twice"),
+    ("epochs: 3\noptim:\n  lr: 0.1\nepochs: 4\n",
+     r"c.yaml: not valid YAML \(line 4, column 1\): key 'epochs' given twice"),
     ("model: resnet33\n", r"c.yaml: model: unknown model 'resnet33' \(did you mean 'resnet32'\?\)"),
 ])
 def test_bad_files_name_the_key_and_file(tmp_path, text, message):
@@ -56,6 +57,28 @@ def test_bad_files_name_the_key_and_file(tmp_path, text, message):
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# nothing but a comment\n"])
+def test_empty_file_is_an_error(tmp_path, text):
+    with pytest.raises(ConfigError, match=r"c.yaml: empty config file \(no keys\): nothing says what to train"):
+        load_config(write(tmp_path, text))
+
+
+def test_no_config_and_no_overrides_prints_usage_instead_of_training(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import env
+
+    proc = subprocess.run([sys.executable, "-m", "graft.train"], cwd=tmp_path, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "usage: graft-train [-h] [--config CONFIG] [--print-config] [overrides ...]",
+        "graft-train: nothing to run: give --config FILE (configs/quickstart.yaml is the smallest) and/or "
+        "key=value overrides"]
+    assert list(tmp_path.iterdir()) == []  # no runs/default
 
 
 def test_missing_file():

@@ -12,8 +12,16 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graft import (adaptive_weight, count_invalid_filters, filter_entropy, graft_state_dict,
-                   make_plan, reference_entropy, weight_entropies, weight_entropy)
+from graft import (
+    adaptive_weight,
+    count_invalid_filters,
+    filter_entropy,
+    graft_state_dict,
+    make_plan,
+    reference_entropy,
+    weight_entropies,
+    weight_entropy,
+)
 from graft.models import build_model
 
 FAST = settings(max_examples=60, deadline=None)
@@ -109,6 +117,29 @@ def test_batched_and_per_filter_forms_agree_with_single():
     per_filter = filter_entropy(w, 10)
     assert per_filter.shape == (w.shape[0],)
     torch.testing.assert_close(per_filter, torch.stack([weight_entropy(f, 10) for f in w]))
+
+
+@pytest.mark.parametrize("values", [[-3e38, 0.0, 3e38], [0.0, 1e-39, 2e-39]],
+                         ids=["max-min-overflows", "bins-over-width-overflows"])
+def test_entropy_at_the_ends_of_float32(values):
+    x = torch.tensor(values, dtype=torch.float32)  # three values in bins 0, 5 and 9
+    assert plain_entropy(x, 10) == pytest.approx(math.log(3))
+    assert weight_entropy(x).item() == pytest.approx(math.log(3))
+    assert filter_entropy(torch.stack([x, x])).tolist() == [pytest.approx(math.log(3))] * 2
+    # In a batch, only that tensor takes the float64 path: the others' values are unchanged.
+    others = [random_tensor(1), random_tensor(2, (10,))]
+    batched = weight_entropies([others[0], x, others[1]])
+    assert batched[1].item() == pytest.approx(math.log(3))
+    assert torch.equal(batched[[0, 2]], weight_entropies(others))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_entropy_of_nan_or_inf_is_nan(bad):
+    x = random_tensor(0)
+    x[1, 2, 0, 0] = bad
+    assert math.isnan(weight_entropy(x).item())
+    h = weight_entropies([random_tensor(3), x])
+    assert not math.isnan(h[0].item()) and math.isnan(h[1].item())
 
 
 def test_entropy_rejects_bad_bins():
@@ -367,12 +398,16 @@ def test_mismatched_peer_names_first_bad_key():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_weights_name_the_layer(bad):
+@pytest.mark.parametrize("side", ["own", "peer"])
+@pytest.mark.parametrize("key", ["layer3.1.conv2.weight", "layer2.0.bn1.running_var", "linear.bias"])
+@pytest.mark.parametrize("compat", ["default", "reference"])
+def test_non_finite_weights_name_the_layer(bad, side, key, compat):
     a, b = tiny_states()
-    b["layer3.1.conv2.weight"] = b["layer3.1.conv2.weight"].clone()
-    b["layer3.1.conv2.weight"][0, 0, 0, 0] = bad
-    with pytest.raises(ValueError, match="peer state.*layer3.1.conv2.weight"):
-        graft_state_dict(a, b)
+    state = a if side == "own" else b
+    state[key] = state[key].clone()
+    state[key].view(-1)[-1] = bad
+    with pytest.raises(ValueError, match=f"{side} state: NaN or Inf in '{key}'"):
+        graft_state_dict(a, b, compat=compat)
 
 
 # ------------------------------------------------------------------------------ invalid filters
@@ -385,7 +420,7 @@ def test_invalid_filter_counts_on_hand_built_model():
     counts = count_invalid_filters(m, thresholds=(0.1, 0.01))
     assert counts["total"] == 6
     assert counts["invalid"] == {0.1: 3, 0.01: 1}  # L1 norms: .5 .05 .005 .2 | .04 1
-    assert [l["invalid"] for l in counts["layers"]] == [{0.1: 2, 0.01: 1}, {0.1: 1, 0.01: 0}]
+    assert [layer["invalid"] for layer in counts["layers"]] == [{0.1: 2, 0.01: 1}, {0.1: 1, 0.01: 0}]
 
 
 def test_resnet32_has_1136_filters_like_the_paper():

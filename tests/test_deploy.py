@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from graft import launch
 from graft.config import load_config
 from helpers import ROOT, env, free_port
 
@@ -87,8 +88,8 @@ def test_sbatch_scripts():
             assert re.search(rf"^#SBATCH {re.escape(directive)}", text, re.M), f"{rel(script)}: {directive}"
         assert "source scripts/slurm/_job.sh" in text and "wait_step $!" in text, rel(script)
         assert re.search(r"^#SBATCH --gpus", text, re.M), rel(script)
-        assert "set -euo pipefail" in text and "-m graft.train" in text, rel(script)
-        assert re.search(r"^srun\b.* torchrun ", text, re.M), rel(script)
+        assert "set -euo pipefail" in text and '--config "$CONFIG"' in text, rel(script)
+        assert re.search(r"^srun\b.* graft-run ", text, re.M), rel(script)
         assert 'output_dir="$RUN_DIR"' in text and '"$@"' in text, rel(script)
     multi = (ROOT / "scripts/slurm/multi_node.sbatch").read_text()
     for part in ("--nnodes \"$SLURM_NNODES\"", "--rdzv-backend c10d", "--rdzv-id \"$SLURM_JOB_ID\"",
@@ -106,9 +107,10 @@ def test_dockerfile():
     users = [line.split()[1] for line in lines if line.upper().startswith("USER ")]
     assert users and users[-1] not in ("root", "0") and not users[-1].startswith("0:"), users
     entry = [json.loads(line.split(None, 1)[1]) for line in lines if line.upper().startswith("ENTRYPOINT")]
-    assert entry == [["torchrun"]]
+    assert entry == [["graft-run"]]
     cmd = [json.loads(line.split(None, 1)[1]) for line in lines if line.upper().startswith("CMD ")]
-    assert cmd and "configs/quickstart.yaml" in cmd[-1] and "graft.train" in cmd[-1]
+    assert cmd and cmd[-1][-2:] == ["--config", "configs/quickstart.yaml"]
+    launch.parse_args(cmd[-1])  # what the entry point will be given parses
     assert "pip install --no-cache-dir" in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     for name in (".venv", "runs", ".git"):
@@ -116,12 +118,13 @@ def test_dockerfile():
 
 
 def test_two_nodes_on_one_machine(tmp_path):
-    """Two torchrun launches meet through c10d rendezvous, as on two SLURM nodes."""
+    """Two graft-run launches (as the multi-node sbatch script makes them) meet through c10d
+    rendezvous, as on two SLURM nodes."""
     port, run_id = free_port(), f"graft-test-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+    cmd = [sys.executable, "-m", "graft.launch", "--nnodes=2", "--nproc_per_node=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
-           "-m", "graft.train", "--config", "configs/quickstart.yaml", "data.name=synthetic",
+           "--config", "configs/quickstart.yaml", "data.name=synthetic",
            "model=resnet8", "epochs=1", "batch_size=64", "progress=false", f"output_dir={out}"]
     # c10d rendezvous waits for both nodes, so the launches must run at the same time.
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -141,3 +144,35 @@ def test_two_nodes_on_one_machine(tmp_path):
     assert sorted(r["network"] for r in records) == [0, 1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary
+
+
+def test_the_quick_start_examples_work_as_written():
+    """The header of scripts/run.sh shows how to run with other settings: that run must not be
+    refused as a resume of runs/quickstart with different settings."""
+    text = (ROOT / "scripts" / "run.sh").read_text()
+    (example,) = re.findall(r"^#\s+scripts/run.sh (.+)$", text, re.M)
+    quickstart = load_config(ROOT / "configs" / "quickstart.yaml")
+    other = load_config(ROOT / "configs" / "quickstart.yaml", example.split())
+    assert other.setup(2) != quickstart.setup(2)  # another run...
+    assert other.output_dir != quickstart.output_dir  # ...so another directory
+
+
+def test_lint_is_part_of_the_test_command():
+    text = (ROOT / "scripts" / "test.sh").read_text()
+    assert text.index("ruff check .") < text.index("python -m pytest")
+    pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11+)
+    assert re.search(r'^test = \[.*"ruff', pyproject, re.M)
+    assert re.search(r'^select = \["E", "F", "W", "I", "B", "UP"\]$', pyproject, re.M)
+
+
+def test_result_files_name_no_path_of_one_machine():
+    for path in sorted((ROOT / "results").glob("*.md")):
+        for data in re.findall(r"^Data: `([^`]+)`", path.read_text(), re.M):
+            assert not Path(data).is_absolute(), f"{rel(path)}: {data}"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from cifar10_small import project_path
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert project_path(str(ROOT.parent / "shared" / "data" / "x.tar.gz")) == "../shared/data/x.tar.gz"
+    assert project_path("data/x.tar.gz") == "data/x.tar.gz"

@@ -56,8 +56,8 @@ def test_grafting_plus_kd_run(teacher):
     kd, proc = launch(tmp, "graft_kd", 2, f"distill.teachers=[{path}]", "distill.tau=4")
     assert "distillation: 1 teacher(s), tau 4, weight 1" in proc.stdout
     plain, _ = launch(tmp, "graft", 2)
-    kd_loss = [json.loads(l)["train_loss"] for l in (kd / "metrics.jsonl").read_text().splitlines()]
-    plain_loss = [json.loads(l)["train_loss"] for l in (plain / "metrics.jsonl").read_text().splitlines()]
+    kd_loss = [json.loads(line)["train_loss"] for line in (kd / "metrics.jsonl").read_text().splitlines()]
+    plain_loss = [json.loads(line)["train_loss"] for line in (plain / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(x) for x in kd_loss)
     assert kd_loss != plain_loss  # the KD term is in the loss (same seeds, same batches otherwise)
 

@@ -3,12 +3,11 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-
-import shutil
 
 import pytest
 import torch
@@ -136,8 +135,8 @@ def test_incompatible_resume_is_refused_and_nothing_changes(reference, tmp_path)
     before = saved_files(reference)
     proc = run(reference, overrides=["model=resnet20"])
     assert proc.returncode != 0
-    assert "cannot resume, the run was set up differently (model: 'resnet8' in the checkpoint, 'resnet20' now)" \
-        in proc.stderr
+    assert "cannot resume, the run was set up differently (model: 'resnet8' in the checkpoint, 'resnet20' now); " \
+        "to start this run alongside it, give it its own output_dir=... (or resume=never" in proc.stderr
     proc = run(reference, nproc=3)
     assert proc.returncode != 0
     assert "networks: 2 in the checkpoint, 3 now" in proc.stderr
@@ -147,7 +146,8 @@ def test_incompatible_resume_is_refused_and_nothing_changes(reference, tmp_path)
         in proc.stderr
     proc = run(reference, overrides=["epochs=2"])
     assert proc.returncode != 0
-    assert "epochs: 2, but this run already completed 3 epochs: nothing to train" in proc.stderr
+    assert f"epochs: 2, but the run in {reference} already completed 3 epochs: nothing to train. epochs=3 or " \
+        "more extends it; to start this run alongside it, give it its own output_dir=..." in proc.stderr
     assert saved_files(reference) == before  # config.yaml, metrics, checkpoints: all as they were
 
 
@@ -161,7 +161,7 @@ def test_no_loadable_checkpoint_is_refused_not_restarted(reference, tmp_path):
     assert proc.returncode != 0
     assert f"{checkpoint.network_dir(out, 1)}: none of the 2 epoch checkpoint(s) loads" in proc.stderr
     # network 0, left alone in a collective, fails in one line too (no traceback, no abort)
-    assert "graft: error: rank 0: communication with the other ranks failed" in proc.stderr
+    assert "graft: error: rank 0 (network 0): communication with the other ranks failed" in proc.stderr
     assert "terminate called" not in proc.stderr
     assert saved_files(out) == before  # best.pt and the metrics of the run survive
 
@@ -239,7 +239,7 @@ def test_resume_never_starts_afresh_elsewhere(reference):
 def test_missing_data_is_one_clear_line(tmp_path):
     proc = run(tmp_path / "x", nproc=1, overrides=[f"data.root={tmp_path}/nope.tar.gz"])
     assert proc.returncode != 0
-    assert f"graft: error: data.root: no such file or directory: {tmp_path}/nope.tar.gz" in proc.stderr
+    assert f"graft: error: data.root: no such file: {tmp_path}/nope.tar.gz" in proc.stderr
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from graft import ring
+from graft.errors import UserError
 
 
 @pytest.fixture
@@ -27,7 +29,12 @@ def test_ring_order_and_hybrid_numbering():
     topo = ring.Topology(rank=5, world=8, replicas=2)
     assert (topo.networks, topo.network, topo.replica, topo.peer) == (4, 2, 1, 1)
     assert topo.leader_rank(3) == 6 and not topo.is_leader
-    assert "ring (grafts from): 0 <- 1 <- 2 <- 3 <- 0" in topo.describe()
+    assert "ring: 0 -> 1 -> 2 -> 3 -> 0 (network k grafts from k-1)" in topo.describe()
+    # Each arrow points from the network whose weights are taken to the one that grafts them.
+    printed = topo.describe().split("ring: ")[1].split(" (")[0].split(" -> ")
+    for giver, taker in zip(printed, printed[1:]):
+        assert ring.Topology(rank=int(taker) * 2, world=8, replicas=2).peer == int(giver)
+    assert "ring: none (one network)" in ring.Topology(rank=0, world=2, replicas=2).describe()
 
 
 def test_world_must_be_a_multiple_of_data_parallel(torchrun_env):
@@ -58,3 +65,31 @@ def test_nccl_needs_cuda(torchrun_env, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ring.TopologyError, match="backend=nccl needs CUDA"):
         ring.setup(1, "nccl", "auto")
+
+
+def test_a_failed_collective_is_recognised_by_its_type():
+    """gloo reports a peer that went away as a plain RuntimeError: ring.collectives() turns it
+    into PeerLost (a UserError, one line); anything else keeps its own type."""
+    with pytest.raises(RuntimeError, match="^no group yet$"):  # no process group: not a collective's error
+        with ring.collectives():
+            raise RuntimeError("no group yet")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ring.PeerLost, match=r"communication with the other ranks failed \(RuntimeError: "
+                                                r"Connection closed by peer\); a peer probably stopped first"):
+            with ring.collectives():
+                raise RuntimeError("Connection closed by peer\n(the rest of gloo's message)")
+        assert issubclass(ring.PeerLost, UserError)
+        for error in (ring.PeerTimeout("late"), torch.OutOfMemoryError("out of memory")):
+            with pytest.raises(type(error)):
+                with ring.collectives():
+                    raise error
+
+        @ring.collectives()
+        def gather():
+            raise RuntimeError("Connection reset by peer")
+
+        with pytest.raises(ring.PeerLost):
+            gather()
+    finally:
+        dist.destroy_process_group()

@@ -73,7 +73,10 @@ def test_run_writes_every_output(two_runs):
 def test_same_seed_same_metrics(two_runs):
     (p1, a), (p2, b) = two_runs
     assert p1.returncode == 0 and p2.returncode == 0
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+
     assert strip(records(a)) == strip(records(b))
 
 
