@@ -173,8 +173,8 @@ def run_one(plan: Plan, run: Run, log=print, extra=()) -> int:
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(run.dir / "log.txt", "a") as logfile:
-        proc = subprocess.Popen(command(plan, run, extra=extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(command(plan, run, extra=extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, start_new_session=True)
         try:
             for line in proc.stdout:
                 logfile.write(line)

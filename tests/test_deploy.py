@@ -2,7 +2,6 @@
 rules, and a two-node torchrun (c10d rendezvous, both "nodes" on this machine) trains."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
