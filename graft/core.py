@@ -31,7 +31,9 @@ __all__ = [
     "GraftPlan",
     "GraftReport",
     "make_plan",
+    "module_plan",
     "plan_entropies",
+    "peer_distances",
     "graft_with_entropies",
     "graft_state_dict",
     "check_compatible",
@@ -243,16 +245,22 @@ def _prefix(key: str) -> str:
     return key.rpartition(".")[0]
 
 
-def make_plan(state: Mapping[str, Tensor], compat: str = "default") -> GraftPlan:
-    """Group a state dict's tensors into layers.
+def make_plan(state: Mapping[str, Tensor], compat: str = "default",
+              norms: Mapping[str, int] | None = None) -> GraftPlan:
+    """Group a state dict's tensors into layers, one module (key prefix) at a time.
 
     Default mode, in state-dict order (which is registration order, i.e. data-flow order in
     ResNet, MobileNetV2, VGG, WRN and torchvision models):
-    * a weight with 2 or more dims (conv, linear) defines a layer; its bias follows it;
-    * a BatchNorm (a module prefix holding ``running_mean``) follows the closest conv or linear
-      weight before it whose output channels equal the BN's features; with none, its weight
-      defines a layer of its own;
-    * any other floating tensor (LayerNorm, embeddings, ...) defines a layer of its own.
+    * a floating tensor with 2 or more dims (a conv or linear weight) defines a layer;
+    * a normalization layer (a prefix in ``norms``) follows the closest such weight before it
+      whose output channels equal the norm's; with none, its first tensor defines a layer;
+    * any other floating tensor (a bias, a LayerNorm's weight) follows the first layer of its
+      own module, or defines one when its module has none yet.
+    Integer buffers (num_batches_tracked) are left alone.
+
+    ``norms`` maps the prefix of each normalization layer to its channels; ``module_plan``
+    reads them from the module types. Without it, a prefix holding ``running_mean`` is one (a
+    BatchNorm with running statistics).
 
     Reference mode: every key containing "conv" defines a layer, every other key follows the
     last such key before it, as the official loop does.
@@ -262,11 +270,12 @@ def make_plan(state: Mapping[str, Tensor], compat: str = "default") -> GraftPlan
     keys = list(state.keys())
     if compat == "reference":
         return _reference_plan(state, keys)
+    if norms is None:
+        norms = {_prefix(k): state[k].shape[0] for k in keys if k.endswith("running_mean")}
 
-    bn_prefixes = {_prefix(k) for k in keys if k.endswith("running_mean")}
     layers: list[str] = []
     follows: dict[str, str] = {}
-    bn_leader: dict[str, str] = {}   # BN prefix -> the key whose alpha it uses
+    module_layer: dict[str, str] = {}  # prefix -> the first layer its tensors define
     bn_after: dict[str, str] = {}    # conv weight -> the BN that normalises its output
     next_conv: dict[str, str] = {}   # BN prefix -> the conv that consumes its output
     last_weight: str | None = None   # last conv/linear weight seen
@@ -276,31 +285,48 @@ def make_plan(state: Mapping[str, Tensor], compat: str = "default") -> GraftPlan
         if not t.is_floating_point():
             continue
         prefix = _prefix(key)
-        if prefix in bn_prefixes:
-            if prefix not in bn_leader:
-                features = state[f"{prefix}.running_mean"].shape[0]
-                paired = last_weight is not None and state[last_weight].shape[0] == features
-                bn_leader[prefix] = last_weight if paired else key
-                if not paired:  # no conv feeds it: the BN's first tensor defines a layer
+        if prefix in norms:
+            if prefix not in module_layer:
+                paired = last_weight is not None and state[last_weight].shape[0] == norms[prefix]
+                module_layer[prefix] = last_weight if paired else key
+                if not paired:  # no conv feeds it: the norm's first tensor defines a layer
                     layers.append(key)
                 elif state[last_weight].dim() > 2 and f"{prefix}.weight" in state:
                     bn_after.setdefault(last_weight, prefix)  # filter level weighs by its gamma
                 pending_bn.append(prefix)
-            follows[key] = bn_leader[prefix]
-        elif t.dim() >= 2 and key.endswith("weight"):
+            follows[key] = module_layer[prefix]
+        elif t.dim() >= 2:
             layers.append(key)
             follows[key] = key
+            module_layer.setdefault(prefix, key)
             last_weight = key
             for bn in pending_bn:
-                if t.dim() > 2 and state[f"{bn}.running_mean"].shape[0] == t.shape[1]:
+                if t.dim() > 2 and norms[bn] == t.shape[1]:
                     next_conv[bn] = key
             pending_bn = []
-        elif key.endswith("bias") and follows.get(f"{prefix}.weight") == f"{prefix}.weight":
-            follows[key] = f"{prefix}.weight"
         else:
-            layers.append(key)
-            follows[key] = key
+            if prefix not in module_layer:
+                module_layer[prefix] = key
+                layers.append(key)
+            follows[key] = module_layer[prefix]
     return GraftPlan(tuple(layers), follows, "default", bn_after, next_conv)
+
+
+# Normalization layers whose weight has one value per channel: they share the alpha of the
+# conv or linear layer that feeds them (BatchNorm, SyncBatchNorm, InstanceNorm, GroupNorm).
+NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
+
+
+def module_plan(model: torch.nn.Module, compat: str = "default") -> GraftPlan:
+    """``make_plan`` for a model, with its normalization layers found by module type rather
+    than by buffer names, so that a model's layers may be named and built freely (a BatchNorm
+    without running statistics, a GroupNorm). Reference mode groups by key names, as the
+    official code does."""
+    norms = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, NORM_TYPES):
+            norms[name] = m.num_channels if isinstance(m, torch.nn.GroupNorm) else m.num_features
+    return make_plan(model.state_dict(), compat, norms)
 
 
 def _reference_plan(state: Mapping[str, Tensor], keys: list[str]) -> GraftPlan:
@@ -330,6 +356,7 @@ class LayerRecord:
     entropy_self: float
     entropy_peer: float
     alpha: float
+    peer_distance: float  # ||W_peer - W_self|| / ||W_self||, before the blend
 
 
 @dataclass
@@ -344,6 +371,9 @@ class GraftReport:
 
     def mean_alpha(self) -> float:
         return sum(r.alpha for r in self.layers) / max(len(self.layers), 1)
+
+    def mean_peer_distance(self) -> float:
+        return sum(r.peer_distance for r in self.layers) / max(len(self.layers), 1)
 
     def as_records(self) -> list[dict]:
         return [vars(r).copy() for r in self.layers]
@@ -392,6 +422,17 @@ def plan_entropies(state: Mapping[str, Tensor], plan: GraftPlan, bins: int = 10)
     if plan.compat == "reference":
         return torch.tensor([reference_entropy(t, bins) for t in tensors], dtype=torch.float64)
     return weight_entropies(tensors, bins).to(torch.float64)
+
+
+def peer_distances(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], layers: Sequence[str]) -> Tensor:
+    """How far the peer is from one's own weights, per layer: ||W_peer - W_self|| / ||W_self||
+    (L2 over the tensor that defines the layer; 0 when both are zero, inf when only own is).
+    This is the networks' diversity, which grafting feeds on. float64, on the state's device."""
+    if not layers:
+        return torch.zeros(0, dtype=torch.float64)
+    diff = torch.stack([torch.linalg.vector_norm(peer[k].float() - own[k].float()) for k in layers]).double()
+    norm = torch.stack([torch.linalg.vector_norm(own[k].float()) for k in layers]).double()
+    return torch.where(norm > 0, diff / norm, torch.where(diff > 0, math.inf, 0.0))
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -445,8 +486,9 @@ def graft_with_entropies(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], 
         off = _graft_offset(h_self.to(torch.float64), h_peer.to(torch.float64), A, c)
         alphas = (off + 0.5).tolist()
         offsets = dict(zip(plan.layers, off.tolist()))  # floats: no tensor conversion per key
+    distances = peer_distances(own, peer, plan.layers).tolist()
     report = GraftReport(level, plan.compat,
-                         [LayerRecord(k, a, b, al) for k, a, b, al in zip(plan.layers, hs, hp, alphas)],
+                         [LayerRecord(*r) for r in zip(plan.layers, hs, hp, alphas, distances)],
                          dict(plan.follows))
 
     out: dict[str, Tensor] = {}
@@ -514,15 +556,17 @@ def _blend_filters(own: Tensor, peer: Tensor, out_off, in_off, layer_off) -> Ten
 
 
 def graft_state_dict(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], level: str = "layer",
-                     A: float = 0.4, c: float = 500, bins: int = 10,
-                     compat: str = "default") -> tuple[dict[str, Tensor], GraftReport]:
+                     A: float = 0.4, c: float = 500, bins: int = 10, compat: str = "default",
+                     plan: GraftPlan | None = None) -> tuple[dict[str, Tensor], GraftReport]:
     """Graft ``peer`` into ``own``: returns (new state dict, report). Inputs are not modified.
 
+    ``plan``: how the tensors group into layers; by default ``make_plan(own, compat)``
+    (``module_plan(model)`` groups a model's tensors as graft.Grafter does).
     Raises ValueError, before changing anything, when the states differ in keys, shapes or
     dtypes, or when either holds NaN or Inf.
     """
     check_compatible(own, peer)
-    plan = make_plan(own, compat)
+    plan = make_plan(own, compat) if plan is None else plan
     h_self, h_peer = plan_entropies(own, plan, bins), plan_entropies(peer, plan, bins)
     # A NaN or Inf in a layer makes its entropy NaN (in the default mode), so while the entropies
     # are finite only the other tensors (biases, BatchNorm: a few percent of the values) need a look.

@@ -43,8 +43,7 @@ class TensorBoardLog:
     """Scalars per network per epoch, when tensorboard is installed (rank 0 only)."""
 
     KEYS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "mean_alpha",
-            "images_per_sec",
-            "epoch_seconds", "graft_seconds")
+            "mean_peer_distance", "images_per_sec", "epoch_seconds", "graft_seconds")
 
     def __init__(self, run_dir: str | Path, purge_from: int = 0):
         try:
@@ -65,6 +64,9 @@ class TensorBoardLog:
                     self.writer.add_scalar(f"{key}/net{r['network']}", r[key], r["epoch"])
             for thr, n in r.get("invalid_filters", {}).items():
                 self.writer.add_scalar(f"invalid_filters_{thr}/net{r['network']}", n, r["epoch"])
+            for layer in r.get("graft", []):
+                self.writer.add_scalar(f"peer_distance/net{r['network']}/{layer['layer']}", layer["peer_distance"],
+                                       r["epoch"])
         self.writer.add_scalar("ensemble_acc", records[0]["ensemble_acc"], records[0]["epoch"])
         self.writer.flush()
 
@@ -123,14 +125,16 @@ def epoch_table(records: list[dict], epochs: int, thresholds) -> str:
     split = eval_split(records[0])
     thr = [str(float(t)) for t in thresholds]
     head = (f"epoch {epoch + 1}/{epochs}  ensemble acc {records[0].get('ensemble_acc', float('nan')):.2f}%\n"
-            f"{'net':>3} {'lr':>8} {'loss':>7} {'train%':>7} {split + '%':>7} {'alpha':>6} "
+            f"{'net':>3} {'lr':>8} {'loss':>7} {'train%':>7} {split + '%':>7} {'alpha':>6} {'dist':>6} "
             + " ".join(f"{'inv<' + t:>9}" for t in thr) + f" {'img/s':>7} {'epoch s':>8} {'graft s':>8}")
     rows = [head]
+    def cell(value) -> str:
+        return f"{'-' if value is None else format(value, '.3f'):>6}"
+
     for r in records:
-        alpha = r.get("mean_alpha")
         inv = " ".join(f"{r['invalid_filters'][t]:>4}/{r['filters']:<4}" for t in thr)
         rows.append(f"{r['network']:>3} {r['lr']:>8.4f} {r['train_loss']:>7.3f} {r['train_acc']:>7.2f} "
-                    f"{r[split + '_acc']:>7.2f} {'-' if alpha is None else format(alpha, '.3f'):>6} {inv} "
+                    f"{r[split + '_acc']:>7.2f} {cell(r.get('mean_alpha'))} {cell(r.get('mean_peer_distance'))} {inv} "
                     f"{r['images_per_sec']:>7.0f} {r['epoch_seconds']:>8.2f} {r['graft_seconds']:>8.3f}")
     return "\n".join(rows)
 

@@ -8,9 +8,10 @@ data, optimizers or logging: it moves tensors and names the peers that fail to s
 Exchange, per graft:
 1. every rank checks in at the epoch boundary through the rendezvous store, so a rank that
    never arrives is named (network and rank) when the timeout runs out;
-2. the replica-0 rank of each network ("leader") all-gathers a small table: per network a
-   finite flag and the entropy of every layer, so alpha needs no second exchange and every
-   network can log the whole table;
+2. the replica-0 rank of each network ("leader") all-gathers a finite flag and a checksum of
+   its model's layout (so NaN/Inf, or another architecture, stops everyone before anything
+   moves), then the entropy of every layer, so alpha needs no second exchange and every network
+   can log the whole table;
 3. the leaders move the weights, flattened into one buffer per dtype: by default a ring shift
    (send to k+1, receive from k-1: one model of traffic per rank; batch_isend_irecv on NCCL,
    plain isend/irecv on gloo), or an all-gather (N-1 models per rank) on request;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -166,12 +168,33 @@ def setup(replicas: int = 1, backend: str = "auto", device: str = "auto",
     store = dist.PrefixStore(f"graft/attempt{attempt}/", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout), device_id=dev if backend == "nccl" else None)
-    if replicas > 1:
+    return _with_groups(topo)
+
+
+def from_process_group(replicas: int = 1, timeout: float = 1800.0) -> Topology:
+    """The Topology of a process group the caller started (``dist.init_process_group``).
+
+    Ranks r*replicas .. (r+1)*replicas-1 form network r. With replicas > 1 this creates the
+    networks' groups: every rank must call it, and DDP must use ``topology.network_group``.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % replicas:
+        raise TopologyError(f"world size {world} is not a multiple of data_parallel={replicas}")
+    backend = dist.get_backend()
+    dev = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    topo = Topology(rank, world, _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world), replicas,
+                    backend, dev, timeout)
+    return _with_groups(topo) if world > 1 else topo
+
+
+def _with_groups(topo: Topology) -> Topology:
+    """Create each network's group (its replicas) and the leaders' group (the ring)."""
+    if topo.replicas > 1:
         # Every rank must take part in creating every group; a group does not inherit the
         # default group's timeout (it would wait 30 min for a stopped peer).
-        wait = timedelta(seconds=timeout)
+        wait = timedelta(seconds=topo.timeout)
         for k in range(topo.networks):
-            group = dist.new_group(list(range(k * replicas, (k + 1) * replicas)), timeout=wait)
+            group = dist.new_group(list(range(k * topo.replicas, (k + 1) * topo.replicas)), timeout=wait)
             if k == topo.network:
                 topo.network_group = group
         topo.leader_group = dist.new_group([topo.leader_rank(k) for k in range(topo.networks)], timeout=wait)
@@ -301,7 +324,8 @@ def exchange_weights(topo: Topology, own: FlatState, mode: str = "auto") -> tupl
 
 @dataclass
 class GraftResult:
-    """What one graft step did, for logging (leaders) and for checks."""
+    """What one graft did: the peer network, the time it took and the bytes received, and (on
+    each network's leader) per layer the entropies, alpha and peer distance."""
 
     peer: int
     seconds: float
@@ -310,39 +334,56 @@ class GraftResult:
     layers: tuple[str, ...]
     report: core.GraftReport | None     # None on non-leader replicas
 
+    @property
+    def mean_alpha(self) -> float | None:
+        return None if self.report is None else self.report.mean_alpha()
+
+    @property
+    def mean_peer_distance(self) -> float | None:
+        return None if self.report is None else self.report.mean_peer_distance()
+
+    def records(self) -> list[dict]:
+        """Per layer: layer, entropy_self, entropy_peer, alpha, peer_distance ([] on non-leaders)."""
+        return [] if self.report is None else self.report.as_records()
+
+
+def _layout_id(state: dict[str, Tensor]) -> float:
+    """A checksum of the keys, shapes and dtypes (exact in a float64), to tell whether all
+    networks hold the same architecture before any weight moves."""
+    layout = [(k, tuple(t.shape), str(t.dtype)) for k, t in state.items()]
+    return float(zlib.crc32(repr(layout).encode()))
+
 
 @collectives()
-def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *, epoch: int,
+def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *, when: str,
                level: str = "layer", A: float = 0.4, c: float = 500.0, bins: int = 10,
                exchange: str = "auto") -> tuple[dict[str, Tensor], GraftResult]:
     """Graft this network's ``state`` from its ring peer. Collective: every rank calls it.
 
-    Returns the new state (new tensors; ``state`` is not modified) and a GraftResult.
-    Raises GraftError on every rank when any network's weights hold NaN or Inf, naming the
-    network and (on that network) the layer, before any weight is blended.
+    ``when`` names the graft in messages and check-in keys ("epoch 3", "step 500"): each graft
+    of a run needs its own. Returns the new state (new tensors; ``state`` is not modified) and a
+    GraftResult. Raises GraftError on every rank, before any weight is blended, when any
+    network's weights hold NaN or Inf (naming the network and, on that network, the layer) or
+    when the networks' models differ in keys, shapes or dtypes.
     """
     start = time.perf_counter()
-    arrive(topo, f"epoch {epoch} graft")
+    arrive(topo, f"{when} graft")
     new_state, report, table, received, refusal = state, None, torch.zeros(0), 0, None
     if topo.is_leader:
         bad_layer = core.first_non_finite(state)
-        h = core.plan_entropies(state, plan, bins).to(torch.float64).cpu()
-        row = torch.cat([torch.tensor([0.0 if bad_layer is None else 1.0], dtype=torch.float64), h])
-        if topo.distributed:
-            dev_row = row.to(topo.device if topo.backend == "nccl" else "cpu")  # gloo gathers CPU tensors
-            dev_rows = [torch.empty_like(dev_row) for _ in range(topo.networks)]
-            dist.all_gather(dev_rows, dev_row, group=topo.leader_group)
-            rows = [r.cpu() for r in dev_rows]
-        else:
-            rows = [row]
-        full = torch.stack(rows)
-        flags, table = full[:, 0], full[:, 1:]
-        if bool(flags.any()):
-            bad = [int(i) for i in flags.nonzero().flatten()]
+        head = torch.tensor([0.0 if bad_layer is None else 1.0, _layout_id(state)], dtype=torch.float64)
+        heads = _gather_rows(topo, head)
+        if bool(heads[:, 0].any()):
+            bad = [int(i) for i in heads[:, 0].nonzero().flatten()]
             here = f" (layer {bad_layer!r})" if bad_layer is not None else ""
-            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: epoch {epoch}: NaN or Inf weights in "
+            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: {when}: NaN or Inf weights in "
                                  f"network(s) {bad}{here}; nobody grafts, the last checkpoints stay as they were")
+        elif bool((heads[:, 1] != head[1]).any()):
+            other = [int(i) for i in (heads[:, 1] != head[1]).nonzero().flatten()]
+            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: {when}: network(s) {other} hold a "
+                                 "model with other keys, shapes or dtypes; grafting needs one architecture")
         else:
+            table = _gather_rows(topo, core.plan_entropies(state, plan, bins).to(torch.float64).cpu())
             flat = FlatState.from_state(state)
             peer_flat, received = exchange_weights(topo, flat, exchange) if topo.networks > 1 else (flat, 0)
             new_state, report = core.graft_with_entropies(
@@ -354,8 +395,8 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *
                               device=topo.device if topo.backend == "nccl" else "cpu")
         dist.broadcast(status, leader, group=topo.network_group)
         if refusal is None and bool(status.item()):
-            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: epoch {epoch}: rank {leader} refused "
-                                 "to graft (NaN or Inf weights: see its error); the last checkpoints stay as they were")
+            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: {when}: rank {leader} refused "
+                                 "to graft (see its error); the last checkpoints stay as they were")
     if refusal is not None:
         raise refusal
     if topo.replicas > 1:
@@ -365,6 +406,16 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *
         new_state = flat.to_state()  # views of the fresh broadcast buffers
     result = GraftResult(topo.peer, time.perf_counter() - start, received, table, plan.layers, report)
     return new_state, result
+
+
+def _gather_rows(topo: Topology, row: Tensor) -> Tensor:
+    """Leaders: every network's ``row`` (float64, CPU), stacked in network order."""
+    if not topo.distributed:
+        return row.unsqueeze(0)
+    dev_row = row.to(topo.device if topo.backend == "nccl" else "cpu")  # gloo gathers CPU tensors
+    rows = [torch.empty_like(dev_row) for _ in range(topo.networks)]
+    dist.all_gather(rows, dev_row, group=topo.leader_group)
+    return torch.stack(rows).cpu()
 
 
 def all_gather_objects(topo: Topology, obj, leaders_only: bool = True) -> list:

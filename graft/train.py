@@ -30,6 +30,7 @@ from . import checkpoint, core, distill, ring
 from .config import NOTHING_TO_RUN, Config, ConfigError, dump_config, load_config, save_config
 from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
 from .errors import REPORTED_BY_LAUNCHER, UserError
+from .grafter import Grafter
 from .models import build_model
 from .report import MetricsLog, Progress, TensorBoardLog, epoch_table, summarize
 
@@ -183,13 +184,10 @@ def final_test(model: nn.Module, test_loader, autocast, topo: ring.Topology, run
     return {"networks": {str(r["network"]): r for r in everyone}, **ensemble}
 
 
-def graft(model: nn.Module, plan: core.GraftPlan, cfg: Config, topo: ring.Topology, epoch: int) -> ring.GraftResult:
-    """Graft ``model`` in place from its ring peer (collective: every rank calls it)."""
+def make_grafter(cfg: Config, topo: ring.Topology) -> Grafter:
+    """The config's grafting options on the run's topology."""
     g = cfg.grafting
-    new_state, result = ring.graft_step(topo, model.state_dict(), plan, epoch=epoch, level=g.level, A=g.A, c=g.c,
-                                        bins=g.bins, exchange=g.exchange)
-    model.load_state_dict(new_state)
-    return result
+    return Grafter(level=g.level, A=g.A, c=g.c, bins=g.bins, compat=g.compat, exchange=g.exchange, topology=topo)
 
 
 def make_loaders(cfg: Config, topo: ring.Topology):
@@ -258,9 +256,9 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     if topo.rank == 0 and (teachers or cfg.distill.mutual):
         log(f"distillation: {len(teachers)} teacher(s){', mutual' if cfg.distill.mutual else ''}, "
             f"tau {cfg.distill.tau:g}, weight {cfg.distill.weight:g}")
-    plan = core.make_plan(model.state_dict(), cfg.grafting.compat)
+    grafter = make_grafter(cfg, topo)
     if grafting and cfg.grafting.level == "filter" and topo.rank == 0:
-        alone = plan.convs_without_bn(model.state_dict())
+        alone = grafter.plan(model).convs_without_bn(model.state_dict())
         if alone:
             log(f"filter level: {len(alone)} conv(s) with no BatchNorm after them blend with their layer "
                 f"alpha: {', '.join(alone)}")
@@ -285,7 +283,7 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
     tensorboard = TensorBoardLog(run_dir, purge_from=start_epoch) if topo.rank == 0 else None
     thresholds = tuple(cfg.invalid_thresholds)
     if pending_graft:
-        graft(model, plan, cfg, topo, start_epoch - 1)
+        grafter.graft(model, epoch=start_epoch - 1)
         if topo.rank == 0:
             log(f"grafted after epoch {start_epoch}: it was the last epoch of the run now extended")
     for epoch in range(start_epoch, cfg.epochs):
@@ -305,11 +303,12 @@ def run(cfg: Config, topo: ring.Topology, log=print) -> dict | None:
                                      model.state_dict())
         grafted = grafting and epoch < cfg.epochs - 1
         if grafted:
-            result = graft(model, plan, cfg, topo, epoch)
+            result = grafter.graft(model, epoch=epoch)
             record.update({"peer": result.peer, "graft_seconds": result.seconds, "graft_bytes": result.bytes})
             if result.report is not None:
-                record["mean_alpha"] = result.report.mean_alpha()
-                record["graft"] = result.report.as_records()
+                record["mean_alpha"] = result.mean_alpha
+                record["mean_peer_distance"] = result.mean_peer_distance
+                record["graft"] = result.records()
                 record["entropy_table"] = result.table.tolist()
         else:
             record.update({"peer": None, "graft_seconds": 0.0, "graft_bytes": 0})

@@ -12,7 +12,7 @@ STAMP="$VENV/.graft-installed"
 WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[graft] installing graft and its dependencies into $VENV (torch takes a minute)"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,plot]"
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -103,6 +103,33 @@ def test_a_bad_value_in_the_file_can_be_overridden_and_errors_name_the_source(tm
     assert load_config(None, ["model=tv:resnet18"]).model == "tv:resnet18"
 
 
+def test_a_model_of_ones_own_is_imported_at_build_time_and_failures_named(tmp_path, monkeypatch):
+    from graft.models import build_model
+
+    (tmp_path / "mynets.py").write_text(
+        "import torch.nn as nn\n"
+        "def tiny(num_classes):\n    return nn.Linear(3, num_classes)\n"
+        "def broken(num_classes):\n    return undefined_name\n"
+        "def number(num_classes):\n    return 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_config(None, ["model=mynets:tiny"]).model == "mynets:tiny"  # checked for its form only
+    assert load_config(None, ["model=nowhere.at_all:Net"]).model == "nowhere.at_all:Net"
+    with pytest.raises(ConfigError, match=r"command line: model: 'my-nets:tiny' is not of the form"):
+        load_config(None, ["model=my-nets:tiny"])
+    assert build_model("mynets:tiny", 7).out_features == 7
+    for name, message in [
+        ("nowhere.at_all:Net", "model: cannot import module 'nowhere.at_all' (ModuleNotFoundError: No module named "
+                               "'nowhere')"),
+        ("mynets:tinny", "model: module 'mynets' has no attribute 'tinny'"),
+        ("mynets:broken", "model: mynets:broken(num_classes=7) failed (NameError: name 'undefined_name' is not "
+                          "defined, at mynets.py:5)"),
+        ("mynets:number", "model: mynets:number(num_classes=7) returned a 'int' object, not a torch.nn.Module"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            build_model(name, 7)
+        assert str(e.value) == message
+
+
 def test_setup_holds_what_shapes_training_and_not_runtime_settings():
     base = Config().setup(2)
     for key in ("optim.difflr", "optim.schedule", "optim.lr", "batch_size", "grafting.A", "distill.tau",

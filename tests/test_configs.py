@@ -14,7 +14,9 @@ from graft.models import CIFAR_MODELS, build_model
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 # quickstart is a demo; cultivation configs are checked on their own below
-EXPERIMENTS = [p for p in CONFIGS if p.name != "quickstart.yaml" and p.parent.name != "cultivation"]
+# The paper's experiments, named after what they run (not the quick start, cultivation, or the
+# base configs of the studies under studies/, e.g. configs/cifar10_cpu.yaml).
+EXPERIMENTS = [p for p in CONFIGS if p.parent.name not in ("configs", "cultivation")]
 CULTIVATION = [p for p in CONFIGS if p.parent.name == "cultivation"]
 CIFAR_NAMES = ("resnet32", "resnet56", "resnet110", "mobilenetv2", "wrn28_10")
 

@@ -18,6 +18,7 @@ from graft import (
     filter_entropy,
     graft_state_dict,
     make_plan,
+    peer_distances,
     reference_entropy,
     weight_entropies,
     weight_entropy,
@@ -248,6 +249,18 @@ def test_layer_level_blends_conv_bn_and_classifier_with_their_alpha():
     r = by_layer["linear.weight"]
     alpha = adaptive_weight(r.entropy_self, r.entropy_peer)
     torch.testing.assert_close(new["linear.bias"], alpha * a["linear.bias"] + (1 - alpha) * b["linear.bias"])
+
+
+def test_peer_distance_is_the_difference_relative_to_ones_own_weights():
+    own = {"a": torch.tensor([[3.0, 4.0]]), "b": torch.zeros(2, 2), "c": torch.zeros(2, 2)}
+    peer = {"a": torch.tensor([[3.0, 0.0]]), "b": torch.ones(2, 2), "c": torch.zeros(2, 2)}
+    assert peer_distances(own, peer, ["a", "b", "c"]).tolist() == [0.8, math.inf, 0.0]  # |(0,4)| / |(3,4)|
+    a, b = tiny_states()
+    _, report = graft_state_dict(a, b)
+    for r in report.layers:
+        assert r.peer_distance == pytest.approx(((b[r.layer] - a[r.layer]).norm() / a[r.layer].norm()).item())
+    distances = [r.peer_distance for r in report.layers]
+    assert report.mean_peer_distance() == pytest.approx(sum(distances) / len(distances))
 
 
 def test_reference_mode_matches_official_restatement():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from graft.report import summarize
+from graft.report import epoch_table, summarize
 
 
 def record(network, epoch, test_acc, ensemble_acc):
@@ -24,3 +24,14 @@ def test_final_is_the_last_epoch_and_best_the_maximum():
 def test_one_network_has_no_spread():
     s = summarize([record(0, 0, 30.0, 30.0), record(0, 1, 35.0, 35.0)])
     assert (s["final_acc_std"], s["best_acc_std"], s["final_acc_mean"]) == (0.0, 0.0, 35.0)
+
+
+def test_epoch_table_shows_mean_alpha_and_peer_distance_or_a_dash():
+    base = {"epoch": 0, "lr": 0.1, "train_loss": 2.0, "train_acc": 20.0, "test_acc": 25.0, "ensemble_acc": 30.0,
+            "filters": 48, "invalid_filters": {"0.1": 1}, "images_per_sec": 100.0, "epoch_seconds": 1.0,
+            "graft_seconds": 0.01}
+    table = epoch_table([dict(base, network=0, mean_alpha=0.4567, mean_peer_distance=0.01234),
+                         dict(base, network=1)], 3, [0.1])
+    head, grafted, plain = table.splitlines()[1:]
+    assert head.split()[5:7] == ["alpha", "dist"]
+    assert grafted.split()[5:7] == ["0.457", "0.012"] and plain.split()[5:7] == ["-", "-"]

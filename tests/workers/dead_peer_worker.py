@@ -14,7 +14,7 @@ def main():
         os._exit(9)  # die like a SIGKILLed process: no cleanup, no goodbye
     state = {"w": torch.randn(3, 3, 1, 1)}
     try:
-        ring.graft_step(topo, state, core.make_plan(state), epoch=3)
+        ring.graft_step(topo, state, core.make_plan(state), when="epoch 3")
     except ring.PeerTimeout as e:
         print(f"graft: error: {e}", file=sys.stderr, flush=True)
         os._exit(1)

@@ -46,7 +46,7 @@ def main():
         state["3.weight"][0, 0, 0, 0] = float("nan")
     plan = core.make_plan(state)
     try:
-        new_state, result = ring.graft_step(topo, state, plan, epoch=0, level=level, exchange=exchange)
+        new_state, result = ring.graft_step(topo, state, plan, when="epoch 0", level=level, exchange=exchange)
     except ring.GraftError as e:
         print(f"graft: error: {e}", file=sys.stderr, flush=True)
         torch.save({"error": str(e), "state": on_cpu(state)}, out / f"rank{topo.rank}.pt")

@@ -1,0 +1,180 @@
+"""graft.Grafter in a script of one's own (torchrun, CPU, gloo), the example, and the launcher
+with a model given as "package.module:callable"."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graft
+from graft import core
+from graft.grafter import unwrap
+from helpers import ROOT, torchrun
+from workers.grafter_worker import Freely, make_model
+
+WORKER = ROOT / "tests" / "workers" / "grafter_worker.py"
+
+
+def run_worker(tmp_path, nproc, mode):
+    proc = torchrun(nproc, WORKER, tmp_path, mode)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+def assert_grafted(after, own, peer, plan):
+    """The grafted weights are graft_state_dict of the two pre-graft states, bit for bit."""
+    expected, _ = core.graft_state_dict(own, peer, plan=plan)
+    assert after.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(after[key], expected[key], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ without torchrun
+
+def test_layers_are_grouped_by_module_type_not_by_name():
+    model = Freely()
+    plan = core.module_plan(model)
+    assert plan.layers == ("entry.weight", "squeeze.weight", "widen.weight", "readout.weight")
+    for norm, conv in (("entry_scale", "entry"), ("squash", "squeeze"), ("groups", "widen")):
+        assert plan.follows[f"{norm}.weight"] == plan.follows[f"{norm}.bias"] == f"{conv}.weight"
+    assert plan.follows["squeeze.bias"] == "squeeze.weight" and plan.follows["readout.bias"] == "readout.weight"
+    assert plan.bn_after["squeeze.weight"] == "squash" and plan.next_conv["squash"] == "widen.weight"
+    # From key names alone a norm without running statistics, or a GroupNorm, is a layer of its own.
+    by_keys = core.make_plan(model.state_dict())
+    assert "squash.weight" in by_keys.layers and "groups.weight" in by_keys.layers
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vgg16_bn", "wrn16_2", "tv:resnet18"])
+def test_module_plan_of_the_built_in_models_is_the_key_plan(name):
+    from graft.models import build_model
+
+    model = build_model(name, 10)
+    a, b = core.module_plan(model), core.make_plan(model.state_dict())
+    assert (a.layers, a.follows, a.bn_after, a.next_conv) == (b.layers, b.follows, b.bn_after, b.next_conv)
+
+
+def test_unwrap_reaches_the_weights_inside_compile_and_data_parallel():
+    model = Freely()
+    compiled = torch.compile(model)  # not run: unwrapping must not need a compiled step
+    assert unwrap(compiled) is model and unwrap(nn.DataParallel(compiled)) is model
+    assert core.module_plan(unwrap(compiled)).layers[0] == "entry.weight"  # no _orig_mod. prefix
+    with pytest.raises(TypeError, match="expected a torch.nn.Module, got OrderedDict"):
+        unwrap(model.state_dict())
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(level="filters"), "level must be one of"),
+    (dict(exchange="allgather"), "exchange must be one of"),
+    (dict(A=2.0), r"A must be in \[0, 1\]"),
+    (dict(bins=1), "bins must be an integer >= 2"),
+    (dict(every_steps=-1), "every_steps must be an integer >= 0"),
+    (dict(compat="reference", level="filter"), "compat must be 'default' with level='filter'"),
+])
+def test_bad_options_are_named(options, message):
+    with pytest.raises(ValueError, match=f"^Grafter: {message}"):
+        graft.Grafter(**options)
+
+
+def test_one_process_grafts_with_itself_which_changes_nothing(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    grafter = graft.Grafter()
+    model = make_model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = grafter.graft(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.peer == 0 and result.bytes == 0 and result.mean_alpha == 0.5 and result.mean_peer_distance == 0
+    with pytest.raises(ValueError, match="every_steps=k"):
+        grafter.step(model)
+
+
+# ------------------------------------------------------------------------------ under torchrun
+
+@pytest.mark.parametrize("nproc,mode", [(2, "own"), (3, "joined")])
+def test_grafter_blends_each_network_with_the_previous_one(tmp_path, nproc, mode):
+    outs = run_worker(tmp_path, nproc, mode)
+    for k, out in enumerate(outs):
+        peer = outs[(k - 1) % nproc]
+        assert out["peer"] == (k - 1) % nproc
+        assert_grafted(out["after"], out["before"], peer["before"], core.module_plan(Freely()))
+        assert out["bytes"] == sum(t.numel() * t.element_size() for t in out["before"].values())
+        layers = [r["layer"] for r in out["records"]]
+        assert layers == list(out["plan"].layers) == ["entry.weight", "squeeze.weight", "widen.weight",
+                                                      "readout.weight"]
+        for r, theirs in zip(out["records"], peer["records"]):
+            own_w, peer_w = out["before"][r["layer"]], peer["before"][r["layer"]]
+            assert r["entropy_self"] == pytest.approx(core.weight_entropy(own_w).item())
+            assert r["entropy_peer"] == theirs["entropy_self"]
+            assert r["alpha"] == pytest.approx(core.adaptive_weight(r["entropy_self"], r["entropy_peer"]))
+            assert r["peer_distance"] == pytest.approx(((peer_w - own_w).norm() / own_w.norm()).item())
+        assert out["mean_alpha"] == pytest.approx(sum(r["alpha"] for r in out["records"]) / 4)
+        assert out["mean_peer_distance"] == pytest.approx(sum(r["peer_distance"] for r in out["records"]) / 4)
+
+
+def test_grafter_in_hybrid_mode_two_networks_by_two_ddp_replicas(tmp_path):
+    outs = run_worker(tmp_path, 4, "hybrid")
+    assert [(o["network"], o["replica"]) for o in outs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for a, b in ((0, 1), (2, 3)):  # replicas end identical
+        assert all(torch.equal(outs[a]["after"][k], outs[b]["after"][k]) for k in outs[a]["after"])
+    plan = core.module_plan(Freely())
+    assert_grafted(outs[2]["after"], outs[2]["before"], outs[0]["before"], plan)
+    assert_grafted(outs[1]["after"], outs[0]["before"], outs[2]["before"], plan)
+    assert outs[1]["records"] == [] and outs[1]["mean_alpha"] is None  # the report is the leader's
+
+
+def test_grafter_every_k_optimizer_steps(tmp_path):
+    outs = run_worker(tmp_path, 2, "steps")
+    plan = core.module_plan(Freely())
+    for k, out in enumerate(outs):
+        assert [s["grafted"] for s in out["log"]] == [False, True, False, True, False]
+        for i, step in enumerate(out["log"]):
+            if step["grafted"]:
+                assert_grafted(step["after"], step["before"], outs[1 - k]["log"][i]["before"], plan)
+            else:
+                assert all(torch.equal(step["before"][key], v) for key, v in step["after"].items())
+
+
+def test_networks_of_other_architectures_are_refused_before_blending(tmp_path):
+    proc = torchrun(2, WORKER, tmp_path, "mismatch")
+    assert proc.returncode != 0
+    assert "graft 0: network(s) [1] hold a model with other keys, shapes or dtypes" in proc.stderr
+    assert "graft 0: network(s) [0] hold a model with other keys, shapes or dtypes" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ example, launcher
+
+def test_the_example_trains_and_grafts_two_networks():
+    proc = torchrun(2, ROOT / "examples" / "own_loop.py", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The two processes share stdout: their lines may interleave.
+    lines = re.findall(r"network (\d) epoch (\d): test accuracy [\d.]+%; grafted from network (\d), "
+                       r"mean alpha (0\.\d+)", proc.stdout)
+    assert sorted(line[:3] for line in lines) == [("0", "1", "1"), ("0", "2", "1"), ("1", "1", "0"), ("1", "2", "0")]
+    assert all(0.3 <= float(line[3]) <= 0.7 for line in lines)  # A = 0.4: alpha in (0.3, 0.7)
+    assert len(open(ROOT / "examples" / "own_loop.py").read().splitlines()) <= 65
+
+
+def test_the_launcher_trains_a_model_given_as_module_and_callable(tmp_path):
+    out = tmp_path / "run"
+    common = ["-m", "graft.train", "--config", ROOT / "configs" / "quickstart.yaml", "epochs=2", "batch_size=50",
+              "data.train_subset=300", "data.test_subset=200", f"data.cache_dir={tmp_path / 'cache'}",
+              "progress=false"]
+    proc = torchrun(2, *common, "model=examples.own_loop:Net", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = [r for r in records if r["epoch"] == 0]
+    assert [r["layer"] for r in first[0]["graft"]] == ["stem.weight", "body.weight", "head.weight"]
+    for r in first:
+        distances = [layer["peer_distance"] for layer in r["graft"]]
+        assert all(d > 0 and math.isfinite(d) for d in distances)
+        assert r["mean_peer_distance"] == pytest.approx(sum(distances) / len(distances))
+    assert " dist " in proc.stdout  # the epoch table's column
+
+    proc = torchrun(1, *common, "model=examples.own_loop:Nett", f"output_dir={tmp_path / 'bad'}")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("graft: error:")]
+    assert errors == ["graft: error: model: module 'examples.own_loop' has no attribute 'Nett'"]
+    assert "Traceback" not in proc.stderr.split("graft: error")[0]  # (torchrun's own report comes after)

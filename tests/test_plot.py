@@ -1,0 +1,96 @@
+"""graft-report: the arrays it draws come from metrics.jsonl unchanged; PNGs for a real run."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from graft import core, plot  # noqa: E402
+from graft.models import build_model  # noqa: E402
+from helpers import ROOT, torchrun  # noqa: E402
+
+LAYERS = ["stem.weight", "body.weight", "head.weight"]
+
+
+def write_run(run_dir, networks=2, epochs=3, grafting=True):
+    """metrics.jsonl as graft.train writes it, with values that encode (network, epoch, layer)."""
+    run_dir.mkdir(parents=True)
+    records = []
+    for e in range(epochs):
+        for n in range(networks):
+            r = {"epoch": e, "network": n, "lr": 0.1 / (n + 1) / (e + 1), "test_acc": 10.0 * n + e,
+                 "ensemble_acc": 50.0 + e, "filters": 48, "invalid_filters": {"0.1": n + e, "0.01": e}}
+            if grafting and e < epochs - 1:
+                r["graft"] = [{"layer": name, "entropy_self": 2.0 + 0.1 * i, "entropy_peer": 2.0,
+                               "alpha": 0.5 + 0.01 * (n + 1) * (i - 1), "peer_distance": 1.0 / (e + 1) + 0.01 * i}
+                              for i, name in enumerate(LAYERS)]
+                r["mean_peer_distance"] = sum(g["peer_distance"] for g in r["graft"]) / len(LAYERS)
+            records.append(r)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "config.yaml").write_text(f"model: resnet8\ngrafting:\n  enabled: {str(grafting).lower()}\n"
+                                         "  level: layer\n  A: 0.4\n  c: 500\n  compat: default\n")
+    return records
+
+
+def test_the_arrays_are_the_records(tmp_path):
+    records = write_run(tmp_path / "run")
+    run = plot.load_run(tmp_path / "run")
+    assert list(run.epochs) == [1, 2, 3] and run.networks == 2 and run.layers == LAYERS
+    for r in records:
+        n, e = r["network"], r["epoch"]
+        assert run.test_acc[n, e] == r["test_acc"] and run.lr[n, e] == r["lr"]
+        assert run.invalid["0.1"][n, e] == r["invalid_filters"]["0.1"]
+        assert run.ensemble_acc[e] == r["ensemble_acc"]
+        for i, g in enumerate(r.get("graft", [])):
+            assert (run.alpha[n, i, e], run.entropy[n, i, e], run.peer_distance[n, i, e]) == (
+                g["alpha"], g["entropy_self"], g["peer_distance"])
+    assert np.isnan(run.alpha[:, :, -1]).all() and np.isnan(run.mean_peer_distance[:, -1]).all()  # no last graft
+    assert run.A == 0.4 and "resnet8, 2 network(s), grafting layer" in run.title
+
+
+def test_a_record_written_twice_counts_once_the_later(tmp_path):
+    records = write_run(tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(dict(records[0], test_acc=99.0)) + "\n")
+    assert plot.load_run(tmp_path / "run").test_acc[0, 0] == 99.0
+
+
+def test_pngs_for_runs_and_their_comparison(tmp_path, capsys):
+    import matplotlib.image
+
+    write_run(tmp_path / "graft", networks=3)
+    write_run(tmp_path / "base", grafting=False)
+    compare = tmp_path / "compare.png"
+    assert plot.main([str(tmp_path / "graft"), str(tmp_path / "base"), "--compare", str(compare)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "graft" / "report.png"), str(tmp_path / "base" / "report.png"), str(compare)]
+    for path in printed:
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert width > 1000 and height > 400
+
+
+def test_a_directory_without_metrics_is_named(tmp_path, capsys):
+    assert plot.main([str(tmp_path / "nothing")]) == 1
+    assert capsys.readouterr().err.strip() == f"graft-report: error: {tmp_path / 'nothing'}: no metrics.jsonl " \
+                                              "(not a graft run directory?)"
+
+
+def test_report_of_a_real_run(tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(2, "-m", "graft.train", "--config", ROOT / "configs" / "quickstart.yaml", "model=resnet8",
+                    "epochs=3", "batch_size=50", "data.train_subset=200", "data.test_subset=100",
+                    f"data.cache_dir={tmp_path / 'cache'}", "progress=false", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = plot.load_run(out)
+    model = build_model("resnet8", 10)
+    assert run.networks == 2 and run.layers == list(core.module_plan(model).layers)
+    assert run.filters == core.count_invalid_filters(model)["total"]
+    grafted = run.alpha[:, :, :-1]
+    assert not np.isnan(grafted).any() and np.allclose(grafted[0] + grafted[1], 1.0)  # N = 2: alphas mirror
+    # Independently initialised networks start about sqrt(2) apart; a 2-network ring ends each
+    # graft with two identical networks, which one epoch of training moves apart far less.
+    first, second = run.peer_distance[:, :, 0], run.peer_distance[:, :, 1]
+    assert (first > 0.5).all() and (second < first).all()
+    assert plot.main([str(out)]) == 0 and (out / "report.png").stat().st_size > 10_000
