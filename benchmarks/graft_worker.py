@@ -38,7 +38,7 @@ def main():
         for r in range(repeat + 1):
             dist.barrier()
             start = time.perf_counter()  # to the end of the blend's kernels (on a GPU they outlast graft_step)
-            _, res = ring.graft_step(topo, state, plan, epoch=r, exchange=exchange)
+            _, res = ring.graft_step(topo, state, plan, when=f"round {r}", exchange=exchange)
             sync()
             times.append(time.perf_counter() - start)
         results[f"ours-{exchange}"] = {"seconds": statistics.median(times[1:]), "bytes": res.bytes,

@@ -37,7 +37,7 @@ class Net(nn.Module):  # a model of one's own: its layers need no particular nam
 def main(epochs: int = 3) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(dist.get_rank())  # every network starts and shuffles differently
-    train, test, classes, mean, std = load_arrays(DataConfig(root=str(FIXTURE)))
+    train, test, classes, mean, std, _ = load_arrays(DataConfig(root=str(FIXTURE)))
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     model = Net(classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)

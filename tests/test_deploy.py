@@ -88,7 +88,7 @@ def test_sbatch_scripts():
         assert "source scripts/slurm/_job.sh" in text and "wait_step $!" in text, rel(script)
         assert re.search(r"^#SBATCH --gpus", text, re.M), rel(script)
         assert "set -euo pipefail" in text and '--config "$CONFIG"' in text, rel(script)
-        assert re.search(r"^srun\b.* graft-run ", text, re.M), rel(script)
+        assert re.search(r"^srun\b.* torchrun ", text, re.M), rel(script)  # the form run under a real Slurm
         assert 'output_dir="$RUN_DIR"' in text and '"$@"' in text, rel(script)
     multi = (ROOT / "scripts/slurm/multi_node.sbatch").read_text()
     for part in ("--nnodes \"$SLURM_NNODES\"", "--rdzv-backend c10d", "--rdzv-id \"$SLURM_JOB_ID\"",
