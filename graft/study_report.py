@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from .report import MetricsLog, eval_split
 from .stats import mean_std, paired_difference
-from .study import Plan, Run, fmt_duration, read_state
+from .study import Plan, Run, finished, fmt_duration, read_state
 
 METRICS = (("final", "final"), ("best_val", "best-val"), ("ensemble", "ensemble final"),
            ("ensemble_best_val", "ensemble best-val"))
@@ -22,11 +23,10 @@ METRICS = (("final", "final"), ("best_val", "best-val"), ("ensemble", "ensemble 
 
 def run_result(run: Run) -> dict | None:
     """The figures of one finished run (from its archived files), or None."""
-    state = read_state(run.archive)
-    summary_path = run.archive / "summary.json"
-    if not state.get("finished") or not summary_path.exists():
+    if not finished(run):
         return None
-    summary = json.loads(summary_path.read_text())
+    state = read_state(run.archive)
+    summary = json.loads((run.archive / "summary.json").read_text())
     by_key = {(r["network"], r["epoch"]): r for r in MetricsLog(run.archive / "metrics.jsonl").read()}
     records = [by_key[k] for k in sorted(by_key, key=lambda k: (k[1], k[0]))]
     last_epoch = max(r["epoch"] for r in records)
@@ -35,8 +35,8 @@ def run_result(run: Run) -> dict | None:
     test = summary.get("test")
     if test:
         nets = test["networks"].values()
-        accs = {"final": _mean(n["final_test_acc"] for n in nets),
-                "best_val": _mean(n["best_val_test_acc"] for n in nets),
+        accs = {"final": statistics.mean(n["final_test_acc"] for n in nets),
+                "best_val": statistics.mean(n["best_val_test_acc"] for n in nets),
                 "ensemble": test["ensemble_final_test_acc"],
                 "ensemble_best_val": test["ensemble_best_val_test_acc"]}
     else:  # a run that evaluated the test set every epoch: no selection without it
@@ -55,20 +55,16 @@ def run_result(run: Run) -> dict | None:
         "networks": len(last),
         "epochs": last_epoch + 1,
         "filters": last[0].get("filters"),
-        "invalid": {t: _mean(r["invalid_filters"][t] for r in last) for t in last[0].get("invalid_filters", {})},
-        "mean_alpha": _mean(alphas) if alphas else None,
-        "alpha_stray": _mean(strays) if strays else None,
+        "invalid": {t: statistics.mean(r["invalid_filters"][t] for r in last)
+                    for t in last[0].get("invalid_filters", {})},
+        "mean_alpha": statistics.mean(alphas) if alphas else None,
+        "alpha_stray": statistics.mean(strays) if strays else None,
         "overhead": sum(r.get("graft_seconds", 0.0) for r in records) / epoch_seconds if epoch_seconds else 0.0,
         "wall_seconds": state["wall_seconds"],
         "versions": [(a["commit"], a["dirty"]) for a in state["attempts"]],
         "curve_split": split,
-        "curve": [_mean(curve[e]) for e in sorted(curve)],
+        "curve": [statistics.mean(curve[e]) for e in sorted(curve)],
     }
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def _pm(values: list[float]) -> str:
@@ -144,7 +140,7 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
         if not rs:
             lines.append(f"| {a} | - | - | - | - | - |")
             continue
-        inv = ", ".join(f"<{t}: {_mean(r['invalid'][t] for r in rs):.1f}" for t in rs[0]["invalid"])
+        inv = ", ".join(f"<{t}: {statistics.mean(r['invalid'][t] for r in rs):.1f}" for t in rs[0]["invalid"])
         inv += f" of {rs[0]['filters']}" if rs[0]["filters"] else ""
         alphas = [r["mean_alpha"] for r in rs if r["mean_alpha"] is not None]
         alpha = "- (no graft)"
@@ -152,9 +148,9 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
             m, s = mean_std(alphas)
             alpha = f"{m:.3f} ± {s:.3f}"
         strays = [r["alpha_stray"] for r in rs if r["alpha_stray"] is not None]
-        stray = f"{_mean(strays):.3f}" if strays else "-"
-        overhead = f"{100 * _mean(r['overhead'] for r in rs):.3f}"
-        wall = fmt_duration(_mean(r["wall_seconds"] for r in rs))
+        stray = f"{statistics.mean(strays):.3f}" if strays else "-"
+        overhead = f"{100 * statistics.mean(r['overhead'] for r in rs):.3f}"
+        wall = fmt_duration(statistics.mean(r["wall_seconds"] for r in rs))
         lines.append(f"| {a} | {inv} | {alpha} | {stray} | {overhead} | {wall} |")
     lines += ["", "## Runs", "", "| run | epochs | final | best-val | ensemble final | wall time | code |",
               "|---|---|---|---|---|---|---|"]
@@ -218,7 +214,7 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
                 left.hlines(mean_std(ys)[0], x - 0.12, x + 0.12, color=f"C{j}", linewidth=2)
         if rs:
             n = max(len(r["curve"]) for r in rs)
-            curve = [_mean(r["curve"][e] for r in rs if e < len(r["curve"])) for e in range(n)]
+            curve = [statistics.mean(r["curve"][e] for r in rs if e < len(r["curve"])) for e in range(n)]
             right.plot(range(1, n + 1), curve, label=a, color=f"C{i}")
     left.set_xticks(range(len(arms)), arms, rotation=20)
     left.set_ylabel("test accuracy (%)")
