@@ -21,10 +21,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import math
 import os
 import posixpath
-import sys
 import tarfile
 import tempfile
 import zlib
@@ -43,6 +43,8 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .config import DataConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DataError",
@@ -245,8 +247,8 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
             pass
 
     # CIFAR-10's 60,000 JPEGs take about 10 s (a minute on a busy CPU): say what is going on.
-    print(f"data: decoding {path} ({os.path.getsize(path) / 1e6:.1f} MB) at {image_size} px into {cache}; "
-          "once: later runs read that file", flush=True)
+    logger.info(f"data: decoding {path} ({os.path.getsize(path) / 1e6:.1f} MB) at {image_size} px into {cache}; "
+                "once: later runs read that file")
     try:
         _check_gzip(path)
         with tarfile.open(path, mode="r|*") as tar:
@@ -270,8 +272,8 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
     try:
         _write_cache(blob, cache)
     except OSError as e:  # the cache only saves time: train on, and say why it is missing
-        print(f"graft: warning: data.cache_dir: cannot write the decoded data to {cache} ({e.strerror or e}); "
-              "every run will decode the archive again", file=sys.stderr, flush=True)
+        logger.warning(f"data.cache_dir: cannot write the decoded data to {cache} ({e.strerror or e}); "
+                       "every run will decode the archive again")
     return train, test, len(classes)
 
 
@@ -318,8 +320,8 @@ def _check_gzip(path: str) -> None:
 
 def _load_folder(root: str, image_size: int) -> tuple[ArraySplit, ArraySplit, int]:
     """Decode a ``root/{train,test}/<class>/<image>`` tree into memory (no cache)."""
-    print(f"data: decoding the images under {root} at {image_size} px (a folder is decoded on every run; "
-          "a .tar.gz of it, data.name=tar, only once)", flush=True)
+    logger.info(f"data: decoding the images under {root} at {image_size} px (a folder is decoded on every run; "
+                "a .tar.gz of it, data.name=tar, only once)")
     files: dict[str, None] = {}
     for split in SPLITS:
         for dirpath, _, filenames in os.walk(os.path.join(root, split)):

@@ -10,7 +10,6 @@ resume point), except for the last epoch, which is not grafted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -18,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, log
 from .config import ConfigError, load_config
 from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
+from .engine import evaluate, make_autocast
 from .models import build_model
-from .train import evaluate
 
 
 def run_dir_of(path: Path) -> Path:
@@ -54,13 +53,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
     model = build_model(cfg.model, cfg.num_classes).to(dev)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     model.load_state_dict(state["model"])
-    use_amp = cfg.amp != "off" and not (cfg.amp == "fp16" and dev.type != "cuda")
-    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-
-    def autocast():
-        return torch.autocast(dev.type, amp_dtype) if use_amp else contextlib.nullcontext()
-
-    stats, _, labels = evaluate(model, loader, autocast, dev, split)
+    stats, _, labels = evaluate(model, loader, make_autocast(cfg.amp, dev), dev, split)
     return {"checkpoint": str(path), "network": state.get("network"), "epoch": state.get("epoch"),
             "split": split, "images": len(labels), **stats}
 
@@ -73,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     args = parser.parse_intermixed_args(argv)
+    log.setup(0, 1)  # the data's decode line
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device)
     except (ConfigError, DataError, checkpoint.CheckpointError, OSError) as e:

@@ -1,12 +1,18 @@
-"""metrics.jsonl, the per-epoch table and the end-of-run summary (rank 0 only)."""
+"""A run's own files (config.yaml, metrics.jsonl, TensorBoard, summary.json), the per-epoch
+table and the end-of-run summary: rank 0 only."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
 from pathlib import Path
+
+from .config import Config, save_config
+
+logger = logging.getLogger(__name__)
 
 
 class Progress:
@@ -97,6 +103,12 @@ class MetricsLog:
                 continue
         return records
 
+    def latest(self) -> list[dict]:
+        """The records with one per (network, epoch), the later where one was written twice (a run
+        that stopped between its checkpoint and its metrics), in (epoch, network) order."""
+        by_key = {(r["epoch"], r["network"]): r for r in self.read()}
+        return [by_key[k] for k in sorted(by_key)]
+
     def set_aside(self) -> Path:
         """Rename the file out of the way (a run starting over); returns the new path."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -111,6 +123,46 @@ class MetricsLog:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)
         return keep
+
+
+class RunLog:
+    """Rank 0's record of a run: config.yaml, metrics.jsonl, TensorBoard scalars, the epoch
+    table on the console, and summary.json at the end.
+
+    Created once the run knows where it starts (``first_epoch``): after a resume the metrics
+    keep the epochs before it, completed by the records the resumed checkpoints carry
+    (``resumed``: the run may have stopped between a checkpoint and its metrics); a run that
+    starts over sets the earlier metrics aside. config.yaml is written only now, so that a
+    refused resume leaves the run's config as it was.
+    """
+
+    def __init__(self, cfg: Config, first_epoch: int, resumed: list[dict]):
+        self.dir = Path(cfg.output_dir)
+        self.epochs, self.thresholds = cfg.epochs, tuple(cfg.invalid_thresholds)
+        save_config(cfg, self.dir / "config.yaml")
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl")
+        if first_epoch == 0 and self.metrics.read():
+            logger.info(f"starting over: the metrics of the earlier run are kept in {self.metrics.set_aside()}")
+        elif first_epoch > 0:
+            have = {(r["epoch"], r["network"]) for r in self.metrics.truncate(after_epoch=first_epoch - 1)}
+            self.metrics.write([r for r in resumed if r and (r["epoch"], r["network"]) not in have])
+        self.tensorboard = TensorBoardLog(self.dir, purge_from=first_epoch)
+
+    def epoch(self, records: list[dict]) -> None:
+        """One epoch's records, one per network."""
+        self.metrics.write(records)
+        self.tensorboard.write(records)
+        logger.info(epoch_table(records, self.epochs, self.thresholds))
+
+    def finish(self, test: dict | None) -> dict | None:
+        """summary.json from every epoch's records (None when there are none)."""
+        records = self.metrics.latest()
+        if not records:
+            return None
+        summary = summarize(records, test)
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info(summary["table"])
+        return summary
 
 
 def eval_split(record: dict) -> str:

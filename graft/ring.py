@@ -95,7 +95,13 @@ class Topology:
 
     @property
     def is_leader(self) -> bool:
+        """Replica 0 of its network: evaluates, checkpoints and grafts for the network."""
         return self.replica == 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: writes the run's own files (config, metrics, summary) and its epoch table."""
+        return self.rank == 0
 
     @property
     def peer(self) -> int:
@@ -365,47 +371,68 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *
     GraftResult. Raises GraftError on every rank, before any weight is blended, when any
     network's weights hold NaN or Inf (naming the network and, on that network, the layer) or
     when the networks' models differ in keys, shapes or dtypes.
+
+    The leaders check, exchange and blend; each network's other replicas then receive the
+    blended weights from their leader (hybrid mode).
     """
     start = time.perf_counter()
-    arrive(topo, f"{when} graft")
+    arrive(topo, f"{when} graft")                                               # every rank
     new_state, report, table, received, refusal = state, None, torch.zeros(0), 0, None
     if topo.is_leader:
-        bad_layer = core.first_non_finite(state)
-        head = torch.tensor([0.0 if bad_layer is None else 1.0, _layout_id(state)], dtype=torch.float64)
-        heads = _gather_rows(topo, head)
-        if bool(heads[:, 0].any()):
-            bad = [int(i) for i in heads[:, 0].nonzero().flatten()]
-            here = f" (layer {bad_layer!r})" if bad_layer is not None else ""
-            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: {when}: NaN or Inf weights in "
-                                 f"network(s) {bad}{here}; nobody grafts, the last checkpoints stay as they were")
-        elif bool((heads[:, 1] != head[1]).any()):
-            other = [int(i) for i in (heads[:, 1] != head[1]).nonzero().flatten()]
-            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: {when}: network(s) {other} hold a "
-                                 "model with other keys, shapes or dtypes; grafting needs one architecture")
-        else:
-            table = _gather_rows(topo, core.plan_entropies(state, plan, bins).to(torch.float64).cpu())
+        refusal = _refusal(topo, state, when)                                   # leaders
+        if refusal is None:
+            table = _gather_rows(topo, core.plan_entropies(state, plan, bins).to(torch.float64).cpu())  # leaders
             flat = FlatState.from_state(state)
             peer_flat, received = exchange_weights(topo, flat, exchange) if topo.networks > 1 else (flat, 0)
             new_state, report = core.graft_with_entropies(
                 state, peer_flat.to_state(), plan, table[topo.network], table[topo.peer], level, A, c)
     if topo.replicas > 1:
-        # The replicas learn of a refusal first, instead of waiting for weights that never come.
-        leader = topo.leader_rank(topo.network)
-        status = torch.tensor([refusal is not None], dtype=torch.uint8,
-                              device=topo.device if topo.backend == "nccl" else "cpu")
-        dist.broadcast(status, leader, group=topo.network_group)
-        if refusal is None and bool(status.item()):
-            refusal = GraftError(f"rank {topo.rank}, network {topo.network}: {when}: rank {leader} refused "
-                                 "to graft (see its error); the last checkpoints stay as they were")
+        refused_by_leader = _leader_refused(topo, refusal is not None, when)   # a network's replicas
+        refusal = refusal if refusal is not None else refused_by_leader
     if refusal is not None:
         raise refusal
     if topo.replicas > 1:
-        flat = FlatState.from_state(new_state)
-        for buf in flat.buffers.values():
-            dist.broadcast(buf, topo.leader_rank(topo.network), group=topo.network_group)
-        new_state = flat.to_state()  # views of the fresh broadcast buffers
-    result = GraftResult(topo.peer, time.perf_counter() - start, received, table, plan.layers, report)
-    return new_state, result
+        new_state = _from_leader(topo, new_state)                               # a network's replicas
+    return new_state, GraftResult(topo.peer, time.perf_counter() - start, received, table, plan.layers, report)
+
+
+def _refusal(topo: Topology, state: dict[str, Tensor], when: str) -> GraftError | None:
+    """Whether every network can graft: finite weights, one architecture. Collective: leaders
+    (one small all_gather, so that every network refuses together or none does)."""
+    bad_layer = core.first_non_finite(state)
+    head = torch.tensor([0.0 if bad_layer is None else 1.0, _layout_id(state)], dtype=torch.float64)
+    heads = _gather_rows(topo, head)
+    here = f"rank {topo.rank}, network {topo.network}: {when}"
+    if bool(heads[:, 0].any()):
+        bad = [int(i) for i in heads[:, 0].nonzero().flatten()]
+        layer = f" (layer {bad_layer!r})" if bad_layer is not None else ""
+        return GraftError(f"{here}: NaN or Inf weights in network(s) {bad}{layer}; nobody grafts, the last "
+                          "checkpoints stay as they were")
+    if bool((heads[:, 1] != head[1]).any()):
+        other = [int(i) for i in (heads[:, 1] != head[1]).nonzero().flatten()]
+        return GraftError(f"{here}: network(s) {other} hold a model with other keys, shapes or dtypes; grafting "
+                          "needs one architecture")
+    return None
+
+
+def _leader_refused(topo: Topology, refused: bool, when: str) -> GraftError | None:
+    """The leader tells its replicas whether it refused, before they wait for weights that would
+    never come. Collective: a network's replicas."""
+    leader = topo.leader_rank(topo.network)
+    status = torch.tensor([refused], dtype=torch.uint8, device=topo.device if topo.backend == "nccl" else "cpu")
+    dist.broadcast(status, leader, group=topo.network_group)
+    if refused or not bool(status.item()):
+        return None
+    return GraftError(f"rank {topo.rank}, network {topo.network}: {when}: rank {leader} refused to graft (see its "
+                      "error); the last checkpoints stay as they were")
+
+
+def _from_leader(topo: Topology, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The leader's blended weights, on every replica of the network. Collective: a network's replicas."""
+    flat = FlatState.from_state(state)
+    for buf in flat.buffers.values():
+        dist.broadcast(buf, topo.leader_rank(topo.network), group=topo.network_group)
+    return flat.to_state()  # views of the fresh broadcast buffers
 
 
 def _gather_rows(topo: Topology, row: Tensor) -> Tensor:

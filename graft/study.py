@@ -165,7 +165,7 @@ def code_version() -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
-def run_one(plan: Plan, run: Run, log=print, extra=()) -> int:
+def run_one(plan: Plan, run: Run, extra=()) -> int:
     """One run, resumed if it was interrupted; its output goes to the terminal and to log.txt."""
     state = read_state(run.dir)
     state["attempts"].append({**code_version(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -179,7 +179,7 @@ def run_one(plan: Plan, run: Run, log=print, extra=()) -> int:
             for line in proc.stdout:
                 logfile.write(line)
                 logfile.flush()
-                log(f"  {line.rstrip()}")
+                print(f"  {line.rstrip()}")
             code = proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM: the training stops between steps, the checkpoint stays
             os.killpg(proc.pid, signal.SIGTERM)
@@ -213,11 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value added to every run, e.g. data.root=... "
                         "(give the same ones when continuing: a run resumes only with the settings it started with)")
     args = parser.parse_intermixed_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, into a file too
     signal.signal(signal.SIGTERM, _terminate)  # stop the run in hand as Ctrl-C does
-
-    def log(line: str) -> None:
-        print(line, flush=True)
 
     try:
         plan = load_plan(args.plan)
@@ -242,29 +239,29 @@ def main(argv=None) -> int:
             print(shlex.join(command(plan, r, "python", args.overrides)))
         return 0
     if args.report:
-        log(f"report: {write_report(plan, all_runs, args.plan)}")
+        print(f"report: {write_report(plan, all_runs, args.plan)}")
         return 0
-    log(f"study {plan.name}: {len(runs) - len(left)} of {len(runs)} runs finished")
+    print(f"study {plan.name}: {len(runs) - len(left)} of {len(runs)} runs finished")
     done_now = 0
     for i, run in enumerate(left):
         if args.max_runs and done_now >= args.max_runs:
-            log(f"stopped after {done_now} run(s) (--max-runs); the same command continues the study")
+            print(f"stopped after {done_now} run(s) (--max-runs); the same command continues the study")
             return 0
         times = [read_state(r.archive)["wall_seconds"] for r in runs if finished(r)]
         eta = f"; about {fmt_duration(sum(times) / len(times) * (len(left) - i))} left" if times else ""
-        log(f"[{len(runs) - len(left) + i + 1}/{len(runs)}] {run.label} -> {run.dir}{eta}")
+        print(f"[{len(runs) - len(left) + i + 1}/{len(runs)}] {run.label} -> {run.dir}{eta}")
         try:
-            code = run_one(plan, run, log, args.overrides)
+            code = run_one(plan, run, args.overrides)
         except KeyboardInterrupt:
-            log(f"interrupted: {run.label} stopped at its last checkpoint; the same command resumes it")
+            print(f"interrupted: {run.label} stopped at its last checkpoint; the same command resumes it")
             return 130
         if code != 0:
             print(f"graft-study: error: {run.label} failed (exit {code}); see {run.dir / 'log.txt'}. "
                   "Fix the cause and run the same command to resume.", file=sys.stderr)
             return 1
         done_now += 1
-        log(f"report: {write_report(plan, all_runs, args.plan)}")
-    log(f"study {plan.name}: all {len(runs)} runs finished; report: {write_report(plan, all_runs, args.plan)}")
+        print(f"report: {write_report(plan, all_runs, args.plan)}")
+    print(f"study {plan.name}: all {len(runs)} runs finished; report: {write_report(plan, all_runs, args.plan)}")
     return 0
 
 

@@ -27,8 +27,7 @@ def run_result(run: Run) -> dict | None:
         return None
     state = read_state(run.archive)
     summary = json.loads((run.archive / "summary.json").read_text())
-    by_key = {(r["network"], r["epoch"]): r for r in MetricsLog(run.archive / "metrics.jsonl").read()}
-    records = [by_key[k] for k in sorted(by_key, key=lambda k: (k[1], k[0]))]
+    records = MetricsLog(run.archive / "metrics.jsonl").latest()
     last_epoch = max(r["epoch"] for r in records)
     last = [r for r in records if r["epoch"] == last_epoch]
     split = eval_split(records[0])

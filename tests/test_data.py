@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import graft.data as data
+import graft.log as graft_log
 from graft.data import ArraySplit, DataError, InMemoryLoader, build_folder_loaders, check_data, load_arrays
 
 try:
@@ -99,6 +100,7 @@ def test_fixture_loads(full):
 
 
 def test_second_load_uses_cache(tmp_path, monkeypatch, capsys):
+    graft_log.setup(0, 1)  # as graft-train does: info to stdout
     cfg = tar_cfg(tmp_path)
     train, test, *_ = load_arrays(cfg)
     (cache,) = (tmp_path / "cache").glob("*.pt")
@@ -142,6 +144,7 @@ def test_tree_reads_like_imagefolder(tmp_path):
 
 
 def test_unwritable_cache_is_a_warning(tmp_path, capsys):
+    graft_log.setup(0, 1)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     train, *_ = load_arrays(DataConfig(name="tar", root=str(FIXTURE), cache_dir=str(blocker / "cache")))

@@ -173,3 +173,53 @@ def test_graft_eval_errors_name_the_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "graft.evaluate", str(missing)], capture_output=True, text=True,
                           env=env(), cwd=ROOT)
     assert proc.returncode == 1 and proc.stderr.startswith(f"graft-eval: error: {missing}: unreadable checkpoint")
+
+
+def test_train_state_round_trips():
+    """TrainState.load_state_dict(state_dict()) restores the weights, optimizer, schedule, RNGs
+    and position: the next step after a restore is the step the saved run would have taken."""
+    from graft.config import load_config
+    from graft.models import build_model
+    from graft.train import TrainState, build_scheduler
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["model=resnet8", "epochs=3"])
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = build_model("resnet8", 10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler, _ = build_scheduler(cfg, optimizer, steps_per_epoch=4)
+        return TrainState(model, optimizer, scheduler, None, torch.device("cpu"))
+
+    def step(state):
+        x = torch.randn(8, 3, 32, 32)  # draws from the RNG the state restores
+        state.optimizer.zero_grad()
+        state.model(x).square().mean().backward()
+        state.optimizer.step()
+        state.scheduler.step()
+
+    a = fresh(0)
+    for _ in range(3):
+        step(a)
+    a.epoch, a.grafted, a.best_acc, a.record = 0, True, 41.5, {"epoch": 0, "network": 0}
+    saved = a.state_dict()
+    b = fresh(1)
+    b.load_state_dict(saved)
+    assert (b.epoch, b.grafted, b.best_acc, b.record) == (0, True, 41.5, {"epoch": 0, "network": 0})
+    assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
+    step(b)  # from the restored RNG state
+    fresh(2).load_state_dict(saved)  # the RNGs as saved again, for a's step
+    step(a)
+    for pa, pb in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(pa, pb)
+    assert b.state_dict().keys() == saved.keys()
+
+
+def test_cpu_bf16_support_is_read_from_the_flags(tmp_path):
+    from graft.engine import cpu_has_bf16
+
+    (tmp_path / "avx2").write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    (tmp_path / "sapphire").write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert cpu_has_bf16(str(tmp_path / "avx2")) is False
+    assert cpu_has_bf16(str(tmp_path / "sapphire")) is True
+    assert cpu_has_bf16(str(tmp_path / "missing")) is None

@@ -1,0 +1,99 @@
+"""Where a run starts: afresh in a new directory (``resume: never``) or from the newest epoch
+every network completed (``resume: auto``).
+
+Both are collective over every rank: the networks decide together, so that no network goes on
+from an epoch another one does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from . import checkpoint, ring
+from .config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
+    """``resume: never`` with checkpoints in output_dir: start afresh in output_dir-1, -2, ...
+    (rank 0 decides, everyone follows); nothing already saved is touched. Collective: every rank."""
+    if cfg.resume != "never":
+        return cfg
+    base, path, n = cfg.output_dir, cfg.output_dir, 0
+    while (Path(path) / "checkpoints").exists():
+        n += 1
+        path = f"{base}-{n}"
+    path = ring.all_gather_objects(topo, path, leaders_only=False)[0]
+    if path != base:
+        logger.info(f"resume=never: {base} holds checkpoints; this run writes to {path}")
+    return dataclasses.replace(cfg, output_dir=path)
+
+
+def resume(cfg: Config, topo: ring.Topology, state) -> list[dict]:
+    """Load into ``state`` (a train.TrainState) the newest epoch every network completed.
+
+    Returns that epoch's metrics records, one per network, on the leaders ([] elsewhere, and when
+    there is nothing to resume): the run may have stopped between its checkpoints and its
+    metrics. Damaged files are skipped with a warning naming them; epochs after the agreed one
+    are removed, and a best.pt saved by one of them is set aside. Collective: every rank.
+    """
+    run_dir = Path(cfg.output_dir)
+    newest, saved = _newest_usable(cfg, topo)
+    agreed = _agree_on_epoch(cfg, topo, newest)                                   # collective: every rank
+    if agreed < 0:
+        return []
+    path = checkpoint.epoch_path(run_dir, topo.network, agreed)
+    if not path.exists():
+        raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
+                                         "network completed; cannot resume consistently")
+    state.load_state_dict(saved if agreed == newest else checkpoint.load(path))
+    if len(set(ring.all_gather_objects(topo, state.grafted, leaders_only=False))) > 1:  # collective: every rank
+        raise checkpoint.CheckpointError(f"{run_dir}: the networks' checkpoints of epoch {agreed} disagree on whether "
+                                         "it was grafted (files of two different runs?); cannot resume consistently")
+    records = []
+    if topo.is_leader:
+        _forget_after(run_dir, topo.network, agreed)
+        records = ring.all_gather_objects(topo, state.record)                    # collective: leaders
+    logger.info(f"resuming after epoch {agreed + 1}/{cfg.epochs} (the newest epoch every network completed)")
+    return records
+
+
+def _newest_usable(cfg: Config, topo: ring.Topology) -> tuple[int, dict | None]:
+    """This network's newest loadable epoch checkpoint (-1, None without one), after checking
+    that it was set up as this run is: a foreign setup is named before the networks agree."""
+    run_dir = Path(cfg.output_dir)
+    newest, saved, skipped = checkpoint.newest_complete(run_dir, topo.network)
+    for reason in skipped:
+        logger.warning(f"skipping damaged checkpoint: {reason}")
+    if saved is not None:
+        path = checkpoint.epoch_path(run_dir, topo.network, newest)
+        checkpoint.check_setup(path, saved.get("setup"), cfg.setup(topo.networks))
+    return newest, saved
+
+
+def _agree_on_epoch(cfg: Config, topo: ring.Topology, newest: int) -> int:
+    """The newest epoch every network has (-1: none has any). Collective: every rank."""
+    everyone = ring.all_gather_objects(topo, newest, leaders_only=False)
+    agreed = min(everyone)
+    if agreed < 0 and max(everyone) >= 0:
+        lacking = sorted({r // topo.replicas for r, e in enumerate(everyone) if e < 0})
+        raise checkpoint.CheckpointError(
+            f"{cfg.output_dir}: networks {lacking} have no usable checkpoint while others do; cannot resume "
+            "consistently (resume=never starts afresh in a new directory)")
+    if agreed + 1 > cfg.epochs:
+        raise ConfigError(f"epochs: {cfg.epochs}, but the run in {cfg.output_dir} already completed {agreed + 1} "
+                          f"epochs: nothing to train. epochs={agreed + 1} or more extends it; {checkpoint.ELSEWHERE}")
+    return agreed
+
+
+def _forget_after(run_dir: Path, network: int, epoch: int) -> None:
+    """The epochs after ``epoch`` are trained again: their files must not mix into this run."""
+    for later in checkpoint.remove_epochs_after(run_dir, network, epoch):
+        logger.warning(f"removed {later}: an epoch after {epoch + 1}, which is trained again")
+    stale = checkpoint.set_aside_best_after(run_dir, network, epoch)
+    if stale:
+        logger.warning(f"{stale.name}: best.pt came from an epoch after {epoch + 1}, which is trained again; "
+                       "set aside")
