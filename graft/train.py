@@ -220,39 +220,39 @@ class TrainState:
 
 def run(cfg: Config, topo: ring.Topology) -> dict | None:
     """Train this rank's network for ``cfg.epochs``; returns the run's summary on rank 0."""
-    cfg = fresh_output_dir(cfg, topo)                                             # collective: every rank
+    cfg = fresh_output_dir(cfg, topo)                                                   # collective: every rank
     logger.info(topo.describe())
     seed_everything(cfg.seed + topo.network)  # replicas of one network share the model seed
-    loaders = make_loaders(cfg, topo)                                             # collective: a node's ranks
+    loaders = make_loaders(cfg, topo)                                                   # collective: a node's ranks
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or loaders.num_classes)
-    t = setup(cfg, topo, len(loaders.train))                                      # collective: replicas
+    t = setup(cfg, topo, len(loaders.train))                                            # collective: replicas
     state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, topo.device)
-    resumed = resume(cfg, topo, state) if cfg.resume == "auto" else []            # collective: every rank
+    resumed = resume(cfg, topo, state) if cfg.resume == "auto" else []                  # collective: every rank
     out = RunLog(cfg, state.epoch + 1, resumed) if topo.is_main else None
-    if t.grafting and not state.grafted and 0 <= state.epoch < cfg.epochs - 1:   # a run extended after its
-        t.grafter.graft(t.model, epoch=state.epoch)                               # last epoch; collective
+    if t.grafting and not state.grafted and 0 <= state.epoch < cfg.epochs - 1:  # a run extended after its last epoch
+        t.grafter.graft(t.model, epoch=state.epoch)                                     # collective: every rank
         logger.info(f"grafted after epoch {state.epoch + 1}: it was the last epoch of the run now extended")
     for epoch in range(state.epoch + 1, cfg.epochs):
         start = time.perf_counter()
         record = {"epoch": epoch, "network": topo.network, "lr": t.optimizer.param_groups[0]["lr"],
-                  **train_epoch(cfg, topo, t, loaders.train, epoch)}          # collective: a network's replicas
-        ring.arrive(topo, f"epoch {epoch} trained")  # collective: every rank; names a dead peer
+                  **train_epoch(cfg, topo, t, loaders.train, epoch)}                    # collective: replicas
+        ring.arrive(topo, f"epoch {epoch} trained")  # a dead peer is named here        # collective: every rank
         if topo.is_leader:  # each network as trained, before grafting, as the paper reports it
-            record.update(evaluate_network(cfg, topo, t, loaders.eval))       # collective: leaders (ensemble)
+            record.update(evaluate_network(cfg, topo, t, loaders.eval))                 # collective: leaders (ensemble)
             keep_if_best(cfg, topo, state, record, epoch)
         grafted = t.grafting and epoch < cfg.epochs - 1  # the last epoch's weights are the result
-        record.update(graft(t, epoch) if grafted else NOT_GRAFTED)                # collective: every rank
+        record.update(graft(t, epoch) if grafted else NOT_GRAFTED)                      # collective: every rank
         record["epoch_seconds"] = time.perf_counter() - start
         state.epoch, state.grafted, state.record = epoch, grafted, record
         if topo.is_leader:  # the resume point: grafted weights, ready for the next epoch
             checkpoint.save_epoch(cfg.output_dir, topo.network, epoch,
                                   {"setup": cfg.setup(topo.networks), **state.state_dict()})
-            records = ring.all_gather_objects(topo, record)                    # collective: leaders
+            records = ring.all_gather_objects(topo, record)                             # collective: leaders
             if topo.is_main:
                 out.epoch(records)
     test = None
     if loaders.test is not None and topo.is_leader:
-        test = final_test(cfg, topo, t, loaders.test)                           # collective: leaders
+        test = final_test(cfg, topo, t, loaders.test)                                   # collective: leaders
     return out.finish(test) if out is not None else None
 
 
