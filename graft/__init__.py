@@ -1,6 +1,10 @@
 """graft: filter grafting (Meng et al., CVPR 2020) for torchrun."""
 
-from .core import (
+from .errors import quiet_start_under_graft_run
+
+quiet_start_under_graft_run()  # before torch's import, which a Ctrl-C may interrupt
+
+from .core import (  # noqa: E402 (after the signal handler above)
     GraftPlan,
     GraftReport,
     adaptive_weight,
@@ -16,8 +20,8 @@ from .core import (
     weight_entropies,
     weight_entropy,
 )
-from .grafter import Grafter
-from .ring import GraftResult
+from .grafter import Grafter  # noqa: E402
+from .ring import GraftResult  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -11,6 +11,7 @@ import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from graft import checkpoint, launch, ring
+from graft.errors import REPORTED_BY_LAUNCHER
 from helpers import ROOT, env, torchrun
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -186,6 +187,23 @@ def test_a_stop_ends_in_one_line(tmp_path, sig, who):
     for k in (0, 1):
         newest, _, skipped = checkpoint.newest_complete(run_dir, k)
         assert newest >= 0 and not skipped
+
+
+@pytest.mark.parametrize("launched", [True, False], ids=["graft-run-worker", "anyone-else"])
+def test_ctrl_c_while_a_worker_starts_is_quiet(launched):
+    """A Ctrl-C can land while a worker still imports torch (a minute on a busy machine): a
+    graft-run worker then exits 130 with no traceback. Anyone else importing graft keeps Python's
+    own KeyboardInterrupt."""
+    environ = {k: v for k, v in env().items() if k != REPORTED_BY_LAUNCHER}
+    if launched:
+        environ[REPORTED_BY_LAUNCHER] = "1"
+    code = "import os, signal, graft; os.kill(os.getpid(), signal.SIGINT); import time; time.sleep(5)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True,
+                          timeout=120)
+    if launched:
+        assert (proc.returncode, proc.stderr) == (130, "")
+    else:
+        assert "KeyboardInterrupt" in proc.stderr
 
 
 # ---------------------------------------------------------------- plain torchrun -m graft.train
