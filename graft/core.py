@@ -39,6 +39,7 @@ __all__ = [
     "check_compatible",
     "check_finite",
     "first_non_finite",
+    "first_non_finite_given",
     "count_invalid_filters",
 ]
 
@@ -409,11 +410,23 @@ def first_non_finite(state: Mapping[str, Tensor]) -> str | None:
     return next((k for k, ok in zip(keys, finite) if not ok), None)
 
 
-def check_finite(state: Mapping[str, Tensor], name: str = "state") -> None:
-    """Raise ValueError naming the first layer holding NaN or Inf."""
-    key = first_non_finite(state)
+def check_finite(state: Mapping[str, Tensor], name: str = "state", plan: GraftPlan | None = None,
+                 entropies: Tensor | None = None) -> None:
+    """Raise ValueError naming the first layer holding NaN or Inf (``plan`` and the layers'
+    ``entropies``, when known, spare the layers a second pass: ``first_non_finite_given``)."""
+    key = first_non_finite(state) if plan is None else first_non_finite_given(state, plan, entropies)
     if key is not None:
         raise ValueError(f"{name}: NaN or Inf in {key!r}; refusing to graft")
+
+
+def first_non_finite_given(state: Mapping[str, Tensor], plan: GraftPlan, entropies: Tensor) -> str | None:
+    """``first_non_finite`` for a state whose layer entropies are known. A NaN or Inf in a layer
+    makes its entropy NaN (in the default mode), so while the entropies are finite only the other
+    tensors (biases, BatchNorm: a few percent of the values) need a look."""
+    if plan.compat == "default" and bool(entropies.isfinite().all()):
+        layers = set(plan.layers)
+        state = {k: t for k, t in state.items() if k not in layers}
+    return first_non_finite(state)
 
 
 def plan_entropies(state: Mapping[str, Tensor], plan: GraftPlan, bins: int = 10) -> Tensor:
@@ -568,12 +581,8 @@ def graft_state_dict(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], leve
     check_compatible(own, peer)
     plan = make_plan(own, compat) if plan is None else plan
     h_self, h_peer = plan_entropies(own, plan, bins), plan_entropies(peer, plan, bins)
-    # A NaN or Inf in a layer makes its entropy NaN (in the default mode), so while the entropies
-    # are finite only the other tensors (biases, BatchNorm: a few percent of the values) need a look.
-    layers = set(plan.layers)
-    for state, h, name in ((own, h_self, "own state"), (peer, h_peer, "peer state")):
-        layers_finite = compat == "default" and bool(h.isfinite().all())
-        check_finite({k: t for k, t in state.items() if not (layers_finite and k in layers)}, name)
+    check_finite(own, "own state", plan, h_self)
+    check_finite(peer, "peer state", plan, h_peer)
     return graft_with_entropies(own, peer, plan, h_self, h_peer, level, A, c)
 
 

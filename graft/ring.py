@@ -379,9 +379,10 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *
     arrive(topo, f"{when} graft")                                               # every rank
     new_state, report, table, received, refusal = state, None, torch.zeros(0), 0, None
     if topo.is_leader:
-        refusal = _refusal(topo, state, when)                                   # leaders
+        entropies = core.plan_entropies(state, plan, bins).to(torch.float64).cpu()
+        refusal = _refusal(topo, state, plan, entropies, when)                  # leaders
         if refusal is None:
-            table = _gather_rows(topo, core.plan_entropies(state, plan, bins).to(torch.float64).cpu())  # leaders
+            table = _gather_rows(topo, entropies)                               # leaders
             flat = FlatState.from_state(state)
             peer_flat, received = exchange_weights(topo, flat, exchange) if topo.networks > 1 else (flat, 0)
             new_state, report = core.graft_with_entropies(
@@ -396,10 +397,11 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, *
     return new_state, GraftResult(topo.peer, time.perf_counter() - start, received, table, plan.layers, report)
 
 
-def _refusal(topo: Topology, state: dict[str, Tensor], when: str) -> GraftError | None:
+def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, entropies: Tensor,
+             when: str) -> GraftError | None:
     """Whether every network can graft: finite weights, one architecture. Collective: leaders
     (one small all_gather, so that every network refuses together or none does)."""
-    bad_layer = core.first_non_finite(state)
+    bad_layer = core.first_non_finite_given(state, plan, entropies)
     head = torch.tensor([0.0 if bad_layer is None else 1.0, _layout_id(state)], dtype=torch.float64)
     heads = _gather_rows(topo, head)
     here = f"rank {topo.rank}, network {topo.network}: {when}"
