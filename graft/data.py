@@ -11,6 +11,8 @@ Two paths, picked by the caller from ``DataConfig``:
 * ``build_folder_loaders`` (imagefolder without ``in_memory``): torchvision ``ImageFolder`` with
   the standard ImageNet transforms, decoded by DataLoader workers.
 
+``build_loaders`` picks the path and returns ``Loaders``: training and graft-eval both call it.
+
 Tar archives are decoded once (PIL, straight from the tar stream) and cached as one ``.pt``
 file keyed by the archive's sha256, so later runs and the other ranks of a torchrun job load
 tensors instead of JPEGs.
@@ -54,6 +56,8 @@ __all__ = [
     "load_arrays",
     "balanced_subset",
     "InMemoryLoader",
+    "Loaders",
+    "build_loaders",
     "build_folder_loaders",
     "EpochLoader",
 ]
@@ -555,10 +559,35 @@ class EpochLoader(DataLoader):
             self.sampler.set_epoch(epoch)
 
 
-def build_folder_loaders(cfg: DataConfig, batch_size: int, *, seed: int, rank_in_group: int = 0,
-                         group_size: int = 1) -> tuple[DataLoader, DataLoader, int, DataLoader]:
-    """(train_loader, eval_loader, num_classes, test_loader) for an ImageFolder tree too big for
-    memory (``test_loader`` is ``eval_loader`` unless ``eval_split`` is 'val').
+class Loaders(NamedTuple):
+    train: InMemoryLoader | DataLoader
+    eval: InMemoryLoader | DataLoader   # the split evaluated every epoch (data.eval_split)
+    test: InMemoryLoader | DataLoader   # the test split (the same loader as eval unless eval_split is val)
+    num_classes: int
+
+
+def build_loaders(cfg: DataConfig, batch_size: int, eval_batch_size: int, *, seed: int, device,
+                  channels_last: bool = False, rank_in_group: int = 0, group_size: int = 1,
+                  splits: Splits | None = None) -> Loaders:
+    """The loaders of one replica: in memory when ``cfg.in_memory`` (``splits`` when the caller
+    has loaded them already), else DataLoaders over an ImageFolder tree. ``seed`` fixes the
+    training order; ``batch_size`` is per replica; evaluation is never sharded."""
+    if not cfg.in_memory:
+        return build_folder_loaders(cfg, batch_size, eval_batch_size, seed=seed,
+                                    rank_in_group=rank_in_group, group_size=group_size)
+    data = load_arrays(cfg) if splits is None else splits
+    common = dict(device=device, mean=data.mean, std=data.std, channels_last=channels_last)
+    train = InMemoryLoader(data.train, batch_size, train=True, seed=seed, rank_in_group=rank_in_group,
+                           group_size=group_size, **common)
+    eval_ = InMemoryLoader(data.eval, eval_batch_size, train=False, **common)
+    test = eval_ if data.test is data.eval else InMemoryLoader(data.test, eval_batch_size, train=False, **common)
+    return Loaders(train, eval_, test, data.num_classes)
+
+
+def build_folder_loaders(cfg: DataConfig, batch_size: int, eval_batch_size: int | None = None, *, seed: int,
+                         rank_in_group: int = 0, group_size: int = 1) -> Loaders:
+    """``Loaders`` for an ImageFolder tree too big for memory (``test`` is ``eval`` unless
+    ``eval_split`` is 'val'; ``eval_batch_size`` defaults to ``batch_size``).
 
     The train loader always uses a ``DistributedSampler`` (num_replicas=group_size,
     rank=rank_in_group, seed=seed; also for group_size 1), so the order is a function of
@@ -617,8 +646,9 @@ def build_folder_loaders(cfg: DataConfig, batch_size: int, *, seed: int, rank_in
                                generator=torch.Generator().manual_seed(seed), **common)
     # Every network evaluates the whole eval split on its leader rank (see graft.train), so the
     # eval loader is not sharded across replicas.
-    eval_loader = EpochLoader(eval_ds, batch_size=batch_size, shuffle=False, **common)
+    eval_batch_size = eval_batch_size or batch_size
+    eval_loader = EpochLoader(eval_ds, batch_size=eval_batch_size, shuffle=False, **common)
     test_loader = eval_loader
     if eval_ds is not test_ds:
-        test_loader = EpochLoader(test_ds, batch_size=batch_size, shuffle=False, **common)
-    return train_loader, eval_loader, num_classes, test_loader
+        test_loader = EpochLoader(test_ds, batch_size=eval_batch_size, shuffle=False, **common)
+    return Loaders(train_loader, eval_loader, test_loader, num_classes)

@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint, log
 from .config import ConfigError, load_config
-from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
+from .data import DataError, build_loaders
 from .engine import evaluate, make_autocast
 from .models import build_model
 
@@ -42,14 +42,9 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
         raise ConfigError(f"{config_file}: data.val_fraction is 0: this run has no validation split")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
-    if cfg.data.in_memory:
-        data = load_arrays(cfg.data)
-        held = data.eval if split == "val" else data.test
-        loader = InMemoryLoader(held, cfg.eval_batch_size, train=False, device=dev, mean=data.mean,
-                                std=data.std, channels_last=cfg.channels_last)
-    else:
-        _, eval_loader, _, test_loader = build_folder_loaders(dataclasses.replace(cfg.data, workers=0), 1, seed=0)
-        loader = eval_loader if split == "val" else test_loader
+    loaders = build_loaders(dataclasses.replace(cfg.data, workers=0), 1, cfg.eval_batch_size, seed=0,
+                            device=dev, channels_last=cfg.channels_last)
+    loader = loaders.eval if split == "val" else loaders.test
     model = build_model(cfg.model, cfg.num_classes).to(dev)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     model.load_state_dict(state["model"])

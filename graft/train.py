@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ import torch.nn as nn
 
 from . import checkpoint, core, distill, log, ring
 from .config import NOTHING_TO_RUN, Config, ConfigError, dump_config, load_config
-from .data import DataError, InMemoryLoader, build_folder_loaders, load_arrays
+from .data import DataError, Loaders, build_loaders, load_arrays
 from .engine import accuracy, cpu_has_bf16, evaluate, make_autocast, train_one_epoch
 from .errors import REPORTED_BY_LAUNCHER, UserError
 from .grafter import Grafter
@@ -77,34 +76,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Loaders(NamedTuple):
-    train: object
-    eval: object        # the split evaluated every epoch (data.eval_split)
-    test: object | None  # the test set, evaluated once at the end when eval_split is val
-    num_classes: int
-
-
 def make_loaders(cfg: Config, topo: ring.Topology) -> Loaders:
-    """This network's loaders. Collective over a node's ranks: local rank 0 decodes (and caches)
-    the data first, the others then read the cache."""
+    """This network's loaders (``test`` is None unless ``eval_split`` is val: the test set is then
+    evaluated once more at the end). Collective over a node's ranks: local rank 0 decodes (and
+    caches) the data first, the others then read the cache."""
     # Data order differs per network (not per replica), except in mutual distillation, where
     # every network must see the same batch to distill from the others' predictions on it.
     data_seed = cfg.seed if cfg.distill.mutual else cfg.seed + 1000 * topo.network
+    splits = None
     if cfg.data.in_memory:
         if topo.local_rank == 0:
-            data = load_arrays(cfg.data)
+            splits = load_arrays(cfg.data)
         ring.arrive(topo, "data ready")                                          # collective: every rank
         if topo.local_rank != 0:
-            data = load_arrays(cfg.data)
-        common = dict(device=topo.device, mean=data.mean, std=data.std, channels_last=cfg.channels_last)
-        train = InMemoryLoader(data.train, cfg.batch_size, train=True, seed=data_seed, drop_last=False,
-                               rank_in_group=topo.replica, group_size=topo.replicas, **common)
-        loaders = Loaders(train, InMemoryLoader(data.eval, cfg.eval_batch_size, train=False, **common),
-                          InMemoryLoader(data.test, cfg.eval_batch_size, train=False, **common), data.num_classes)
-    else:
-        train, eval_, classes, test = build_folder_loaders(
-            cfg.data, cfg.batch_size, seed=data_seed, rank_in_group=topo.replica, group_size=topo.replicas)
-        loaders = Loaders(train, eval_, test, classes)
+            splits = load_arrays(cfg.data)
+    loaders = build_loaders(cfg.data, cfg.batch_size, cfg.eval_batch_size, seed=data_seed, device=topo.device,
+                            channels_last=cfg.channels_last, rank_in_group=topo.replica,
+                            group_size=topo.replicas, splits=splits)
     if len(loaders.train) == 0:
         raise DataError(f"batch_size={cfg.batch_size}: larger than the training set of this network's "
                         "replica; nothing to train (lower batch_size)")

@@ -11,7 +11,15 @@ from PIL import Image
 
 import graft.data as data
 import graft.log as graft_log
-from graft.data import ArraySplit, DataError, InMemoryLoader, build_folder_loaders, check_data, load_arrays
+from graft.data import (
+    ArraySplit,
+    DataError,
+    InMemoryLoader,
+    build_folder_loaders,
+    build_loaders,
+    check_data,
+    load_arrays,
+)
 
 try:
     from graft.config import DataConfig
@@ -184,6 +192,16 @@ def test_validation_split(tmp_path, full):
     # eval_split="test" still holds the validation images out of train.
     train_t, test, *_ = load_arrays(tar_cfg(tmp_path, val_fraction=0.1))
     assert len(train_t) == 900 and len(test) == 500
+
+
+def test_build_loaders_in_memory(tmp_path):
+    loaders = build_loaders(tar_cfg(tmp_path, val_fraction=0.1, eval_split="val"), 64, 100, seed=3, device="cpu")
+    assert (len(loaders.train.labels), len(loaders.eval.labels), len(loaders.test.labels)) == (900, 100, 500)
+    assert (loaders.train.batch_size, loaders.eval.batch_size, loaders.num_classes) == (64, 100, 10)
+    assert loaders.train.train and not loaders.eval.train and not loaders.test.train
+    # eval_split test: one loader (one copy of the test images on the device), not two.
+    loaders = build_loaders(tar_cfg(tmp_path), 64, 100, seed=3, device="cpu")
+    assert loaders.test is loaders.eval and len(loaders.eval.labels) == 500
 
 
 def test_synthetic():
@@ -367,8 +385,9 @@ def test_build_folder_loaders(tmp_path):
             for k in range(n):
                 Image.new("RGB", (40, 36), (i * 100, k * 10, 0)).save(tmp_path / s / c / f"{k}.png")
     cfg = DataConfig(name="imagefolder", root=str(tmp_path), workers=0, in_memory=False, image_size=24)
-    train, evals, n, test = build_folder_loaders(cfg, 2, seed=0)
+    train, evals, test, n = build_folder_loaders(cfg, 2, 3, seed=0)
     assert n == 2 and len(train.dataset) == 12 and test is evals
+    assert (train.batch_size, evals.batch_size) == (2, 3)
     train.set_epoch(1)
     assert train.sampler.epoch == 1
     x, y = next(iter(train))
@@ -377,7 +396,8 @@ def test_build_folder_loaders(tmp_path):
 
     cfg.val_fraction, cfg.eval_split = 0.5, "val"
     shares = [build_folder_loaders(cfg, 2, seed=0, rank_in_group=r, group_size=2) for r in range(2)]
-    assert len(shares[0][0].dataset) == 6  # 3 of 6 per class held out
-    assert [len(s[1].dataset) for s in shares] == [6, 6]  # every replica evaluates the whole split
-    assert [len(s[0].sampler) for s in shares] == [3, 3]
-    assert [len(s[3].dataset) for s in shares] == [6, 6]  # the test split stays reachable
+    assert len(shares[0].train.dataset) == 6  # 3 of 6 per class held out
+    assert [len(s.eval.dataset) for s in shares] == [6, 6]  # every replica evaluates the whole split
+    assert [len(s.train.sampler) for s in shares] == [3, 3]
+    assert [len(s.test.dataset) for s in shares] == [6, 6]  # the test split stays reachable
+    assert build_loaders(cfg, 2, 3, seed=0, device="cpu").eval.batch_size == 3  # the same path, picked

@@ -127,6 +127,11 @@ def test_folder_data_through_dataloader_workers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rec,) = records(out)
     assert rec["test_acc"] >= 0 and rec["images_per_sec"] > 0
+    # graft-eval reads the same folders through the same loaders: the same accuracy.
+    from graft.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "test")
+    assert result["test_acc"] == rec["test_acc"] and result["images"] == 200  # data.test_subset=200
 
 
 def test_hybrid_mode_trains_two_networks_of_two_replicas(tmp_path):
