@@ -12,7 +12,8 @@ the same command continues a study after any stop. Each run records the code ver
 (git commit, and whether the tree had changes) in ``study.json`` beside its outputs.
 
 A finished run's small files (config.yaml, metrics.jsonl, summary.json, study.json; no
-checkpoints) are copied to ``<results>/<name>/<arm>/seed<k>/``: the report is made from these
+checkpoints) are copied to ``<results>/<name>/<arm>/seed<k>/``, with weights.json: how far apart
+the networks' final weights are (``final_distance``). The report is made from these files
 alone, they can be committed beside it as its evidence, and a run found there counts as
 finished, so a study continues on another machine from the committed results. After every run
 the report is rewritten: ``<results>/<name>.md`` and ``<name>.png``.
@@ -144,6 +145,37 @@ def finished(run: Run) -> bool:
     return read_state(run.archive).get("finished", False) and (run.archive / "summary.json").exists()
 
 
+def final_distance(run_dir: Path) -> dict | None:
+    """How far apart the networks of a finished run end: the mean over layers of
+    ``||W_peer - W_self|| / ||W_self||`` (``core.peer_distances``, which the training logs at each
+    graft) between each network and its ring peer, on the last epoch's checkpoints, averaged over
+    the networks. Near 0, the networks have become one network and an ensemble of them gains
+    nothing. None when the run has fewer than 2 networks or lacks the checkpoints."""
+    from . import checkpoint
+    from .core import make_plan, peer_distances
+
+    nets = sorted(int(d.name[3:]) for d in (run_dir / "checkpoints").glob("net*") if d.name[3:].isdigit())
+    finals = [checkpoint.epoch_files(run_dir, k)[-1:] for k in nets]
+    if len(nets) < 2 or not all(finals) or len({f[0][0] for f in finals}) > 1:
+        return None
+    models = [checkpoint.load(f[0][1])["model"] for f in finals]
+    layers = make_plan(models[0]).layers
+    per_network = [peer_distances(models[k], models[k - 1], layers).mean().item() for k in range(len(models))]
+    return {"final_distance": sum(per_network) / len(per_network), "per_network": per_network,
+            "epoch": finals[0][0][0], "layers": len(layers)}
+
+
+def write_distance(run: Run) -> None:
+    """weights.json in the archive of a finished run, from its checkpoints where they still are
+    (also for runs archived before weights.json existed); nothing when they are gone."""
+    if (run.archive / "weights.json").exists() or not finished(run):
+        return
+    record = final_distance(run.dir)
+    if record is not None:
+        (run.archive / ".weights.json.tmp").write_text(json.dumps(record, indent=2))
+        os.replace(run.archive / ".weights.json.tmp", run.archive / "weights.json")
+
+
 def archive(run: Run) -> None:
     """Copy a finished run's small files to its archive (the study.json last: it marks it done)."""
     run.archive.mkdir(parents=True, exist_ok=True)
@@ -191,6 +223,7 @@ def run_one(plan: Plan, run: Run, extra=()) -> int:
             write_state(run, state)
     if state["finished"]:
         archive(run)
+        write_distance(run)
     return code
 
 
@@ -205,7 +238,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="graft-study", description=__doc__.splitlines()[0])
     parser.add_argument("plan", help="the study plan (YAML)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs left, run nothing")
-    parser.add_argument("--report", action="store_true", help="only rewrite the report from the finished runs")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite the report from the finished runs (and add weights.json to those "
+                        "archived without it whose checkpoints are still under the root)")
     parser.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all)")
     parser.add_argument("--root", help="where the runs go (default: the plan's root, runs/studies)")
     parser.add_argument("--results", help="where the report goes (default: the plan's results, results/)")
@@ -239,6 +274,8 @@ def main(argv=None) -> int:
             print(shlex.join(command(plan, r, "python", args.overrides)))
         return 0
     if args.report:
+        for r in all_runs:
+            write_distance(r)
         print(f"report: {write_report(plan, all_runs, args.plan)}")
         return 0
     print(f"study {plan.name}: {len(runs) - len(left)} of {len(runs)} runs finished")
@@ -253,7 +290,7 @@ def main(argv=None) -> int:
         try:
             code = run_one(plan, run, args.overrides)
         except KeyboardInterrupt:
-            print(f"interrupted: {run.label} stopped at its last checkpoint; the same command resumes it")
+            print(f"interrupted: {run.label} stopped; the same command resumes it after its last finished epoch")
             return 130
         if code != 0:
             print(f"graft-study: error: {run.label} failed (exit {code}); see {run.dir / 'log.txt'}. "

@@ -46,6 +46,8 @@ def run_result(run: Run) -> dict | None:
     # separates grafting from plain averaging.
     strays = [abs(layer["alpha"] - 0.5) for r in records for layer in r.get("graft") or ()]
     epoch_seconds = sum(r["epoch_seconds"] for r in records)
+    weights = run.archive / "weights.json"
+    distance = json.loads(weights.read_text())["final_distance"] if weights.exists() else None
     curve = {}
     for r in records:
         curve.setdefault(r["epoch"], []).append(r[f"{split}_acc"])
@@ -58,6 +60,7 @@ def run_result(run: Run) -> dict | None:
                     for t in last[0].get("invalid_filters", {})},
         "mean_alpha": statistics.mean(alphas) if alphas else None,
         "alpha_stray": statistics.mean(strays) if strays else None,
+        "distance": distance,
         "overhead": sum(r.get("graft_seconds", 0.0) for r in records) / epoch_seconds if epoch_seconds else 0.0,
         "wall_seconds": state["wall_seconds"],
         "versions": [(a["commit"], a["dirty"]) for a in state["attempts"]],
@@ -66,11 +69,11 @@ def run_result(run: Run) -> dict | None:
     }
 
 
-def _pm(values: list[float]) -> str:
+def _pm(values: list[float], digits: int = 2) -> str:
     if not values:
         return "-"
     mean, std = mean_std(values)
-    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def _short(version: tuple) -> str:
@@ -131,13 +134,16 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
                 sentences.append(_sentence(a, plan.reference, name, d))
     lines += ["", *[f"- {s}" for s in sentences], ""]
     lines += ["## Per arm", "", "*mean alpha*: over networks, layers and grafts; *mean abs(alpha - 0.5)*: how far a "
-              "layer's alpha strays from plain averaging.", "",
-              "| arm | invalid filters (last epoch, per network) | mean alpha | mean abs(alpha - 0.5) | graft overhead "
-              "(% of epoch time) | wall time per run |", "|---|---|---|---|---|---|"]
+              "layer's alpha strays from plain averaging; *distance*: how far apart the networks' final weights are "
+              "(mean over layers of ||W_peer - W_self|| / ||W_self||, each network against its ring peer; near 0: "
+              "the networks have become one); *ensemble gain*: ensemble final minus final.", "",
+              "| arm | invalid filters (last epoch, per network) | mean alpha | mean abs(alpha - 0.5) | distance "
+              "| ensemble gain | graft overhead (% of epoch time) | wall time per run |",
+              "|---|---|---|---|---|---|---|---|"]
     for a in arms:
         rs = list(per_arm[a].values())
         if not rs:
-            lines.append(f"| {a} | - | - | - | - | - |")
+            lines.append(f"| {a} |" + " - |" * 7)
             continue
         inv = ", ".join(f"<{t}: {statistics.mean(r['invalid'][t] for r in rs):.1f}" for t in rs[0]["invalid"])
         inv += f" of {rs[0]['filters']}" if rs[0]["filters"] else ""
@@ -148,9 +154,11 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
             alpha = f"{m:.3f} ± {s:.3f}"
         strays = [r["alpha_stray"] for r in rs if r["alpha_stray"] is not None]
         stray = f"{statistics.mean(strays):.3f}" if strays else "-"
+        distance = _pm([r["distance"] for r in rs if r["distance"] is not None], digits=3)
+        gain = _pm([r["ensemble"] - r["final"] for r in rs])
         overhead = f"{100 * statistics.mean(r['overhead'] for r in rs):.3f}"
         wall = fmt_duration(statistics.mean(r["wall_seconds"] for r in rs))
-        lines.append(f"| {a} | {inv} | {alpha} | {stray} | {overhead} | {wall} |")
+        lines.append(f"| {a} | {inv} | {alpha} | {stray} | {distance} | {gain} | {overhead} | {wall} |")
     lines += ["", "## Runs", "", "| run | epochs | final | best-val | ensemble final | wall time | code |",
               "|---|---|---|---|---|---|---|"]
     mixed = []

@@ -8,10 +8,12 @@ import sys
 import time
 
 import pytest
+import torch
 
+from graft import checkpoint
 from graft.config import ConfigError
 from graft.stats import paired_difference, t_quantile_975
-from graft.study import load_plan, runs_of
+from graft.study import final_distance, load_plan, runs_of
 from helpers import ROOT, env
 
 PLAN = ROOT / "tests" / "studies" / "tiny.yaml"
@@ -62,6 +64,25 @@ def test_runs_go_seed_by_seed(monkeypatch):
                                                 "graft/seed1"]
 
 
+def test_final_distance_of_hand_made_checkpoints(tmp_path):
+    def save(net, epoch, scale):
+        model = {"conv.weight": torch.full((4, 3, 3, 3), scale), "bn.running_mean": torch.zeros(4)}
+        path = checkpoint.epoch_path(tmp_path, net, epoch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_save({"format": checkpoint.FORMAT, "model": model}, path)
+
+    save(0, 0, 5.0)  # an older epoch: only the last one counts
+    save(0, 2, 1.0)
+    assert final_distance(tmp_path) is None  # one network: nothing to compare
+    save(1, 2, 2.0)
+    record = final_distance(tmp_path)
+    # net0 against its ring peer net1: |2 - 1| / |1| = 1; net1 against net0: |1 - 2| / |2| = 0.5.
+    assert record["per_network"] == [1.0, 0.5] and record["final_distance"] == 0.75
+    assert record["epoch"] == 2 and record["layers"] == 1
+    save(1, 3, 2.0)  # the networks' last checkpoints disagree: not a finished run
+    assert final_distance(tmp_path) is None
+
+
 def study(tmp_path, *args, **kw):
     cmd = [sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
            "--results", str(tmp_path / "results"), *args]
@@ -87,7 +108,7 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
     second.send_signal(signal.SIGTERM)
     out = second.communicate(timeout=120)[0]
     assert second.returncode == 130, out[-3000:]
-    assert "interrupted: graft/seed0 stopped at its last checkpoint" in out
+    assert "interrupted: graft/seed0 stopped; the same command resumes it" in out
     assert not (results / "tiny" / "graft" / "seed0").exists()  # not finished, not archived
 
     dry = subprocess.run([sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
@@ -115,5 +136,17 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
     assert "| graft | final | 2 |" in report
     assert "graft vs independent, final:" in report
     assert "| independent | 2 | 2 |" in report and "| graft | 2 | 2 |" in report
+    distances = {label: json.loads((results / "tiny" / label / "weights.json").read_text())["final_distance"]
+                 for label in ("independent/seed0", "graft/seed0", "independent/seed1", "graft/seed1")}
+    assert all(d > 0 for d in distances.values())
+    assert f"| {(distances['graft/seed0'] + distances['graft/seed1']) / 2:.3f} ± " in report
+
+    # A run archived without weights.json (as before it existed) gets one from --report while
+    # its checkpoints are still there.
+    (results / "tiny" / "graft" / "seed0" / "weights.json").unlink()
+    subprocess.run([sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
+                    "--results", str(results), "--report"], cwd=ROOT, env=env(), check=True, capture_output=True)
+    again = json.loads((results / "tiny" / "graft" / "seed0" / "weights.json").read_text())["final_distance"]
+    assert again == distances["graft/seed0"]
     pytest.importorskip("matplotlib")
     assert (results / "tiny.png").stat().st_size > 10_000
