@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from graft.engine import cpu_has_bf16
+
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
@@ -23,8 +25,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    # "AMD EPYC" names several generations; whether bf16 is native decides the bf16 figures.
+    bf16 = {True: " (native bf16)", False: " (no AVX512-BF16/AMX: bf16 emulated)", None: ""}[cpu_has_bf16()]
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
+    return (f"{cpu}{bf16}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
