@@ -76,9 +76,10 @@ class Run:
 ARCHIVED = ("config.yaml", "metrics.jsonl", "summary.json", "study.json")
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read and check a plan; every arm's config is resolved here, so a bad override fails now,
-    naming the arm, and not hours later."""
+def load_plan(path: str | Path, extra=()) -> Plan:
+    """Read and check a plan; every arm's config is resolved here, with ``extra`` (graft-study's
+    own key=value arguments, which every run gets last), so a bad override fails now, naming the
+    arm, and not hours later, and the process count follows an extra ``data_parallel``."""
     try:
         values = yaml.safe_load(Path(path).read_text())
     except OSError as e:
@@ -104,7 +105,7 @@ def load_plan(path: str | Path) -> Plan:
         if not arm.config:
             raise ConfigError(f"{path}: config: a base config is required (for the plan or for arm {arm.name})")
         try:
-            cfg = load_config(arm.config, [*plan.overrides, *arm.overrides])
+            cfg = load_config(arm.config, [*plan.overrides, *arm.overrides, *extra])
         except ConfigError as e:
             raise ConfigError(f"{path}: arm {arm.name}: {e}") from None
         arm.nproc = arm.networks * cfg.data_parallel
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # stop the run in hand as Ctrl-C does
 
     try:
-        plan = load_plan(args.plan)
+        plan = load_plan(args.plan, args.overrides)
         plan.root, plan.results = args.root or plan.root, args.results or plan.results
     except ConfigError as e:
         print(f"graft-study: error: {e}", file=sys.stderr)

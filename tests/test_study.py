@@ -13,7 +13,7 @@ import torch
 from graft import checkpoint
 from graft.config import ConfigError
 from graft.stats import paired_difference, t_quantile_975
-from graft.study import final_distance, load_plan, runs_of
+from graft.study import command, final_distance, load_plan, runs_of
 from helpers import ROOT, env
 
 PLAN = ROOT / "tests" / "studies" / "tiny.yaml"
@@ -62,6 +62,18 @@ def test_runs_go_seed_by_seed(monkeypatch):
     plan = load_plan(PLAN)
     assert [r.label for r in runs_of(plan)] == ["independent/seed0", "graft/seed0", "independent/seed1",
                                                 "graft/seed1"]
+
+
+def test_command_line_overrides_are_checked_and_set_the_process_count(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert {a.nproc for a in load_plan(PLAN).arms} == {2}
+    # data_parallel=2 from graft-study's command line: 2 networks of 2 replicas, 4 processes
+    # (with 2 processes the run would have trained 1 network, silently).
+    plan = load_plan(PLAN, ["data_parallel=2"])
+    assert {a.nproc for a in plan.arms} == {4}
+    assert "--nproc_per_node=4" in command(plan, runs_of(plan)[0], extra=["data_parallel=2"])
+    with pytest.raises(ConfigError, match="arm independent: command line: unknown key 'epoch'"):
+        load_plan(PLAN, ["epoch=3"])
 
 
 def test_final_distance_of_hand_made_checkpoints(tmp_path):
