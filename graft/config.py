@@ -84,11 +84,11 @@ class Config:
     eval_batch_size: int = 500
     seed: int = 0                 # network k uses seed + k for its weights and seed + 1000 k for its data order
     output_dir: str = "runs/default"  # the run directory (docs/outputs.md)
-    resume: str = "auto"          # auto: from the newest epoch every network completed; never: a new directory output_dir-1, -2, ...
+    resume: str = "auto"          # auto: from the newest epoch every network completed; never: afresh (in output_dir-1, -2, ... when output_dir holds checkpoints)
     data_parallel: int = 1        # replicas per network (DDP); world size = networks x data_parallel
     backend: str = "auto"         # auto: NCCL when every process of a node has a GPU of its own, else gloo
     device: str = "auto"          # auto: CUDA when visible
-    timeout: float = 1800.0       # seconds a rank waits for its peers at an epoch boundary
+    timeout: float = 1800.0       # seconds a rank waits for its peers (each epoch boundary, the first decode of the data, the end of the run)
     amp: str = "off"              # bf16: autocast (CUDA, or a CPU with AVX512-BF16/AMX; emulated and slow without); fp16: CUDA, with a GradScaler
     channels_last: bool = True    # memory format of the model and the batches
     compile: bool = False         # torch.compile the training model

@@ -36,10 +36,12 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
     if not config_file.exists():
         raise ConfigError(f"{config_file}: not found; graft-eval reads the run's config.yaml beside its "
                           "checkpoints/ folder")
-    extra = ["data.eval_split=val"] if split == "val" else []
-    cfg = load_config(config_file, [*extra, *overrides])
-    if split == "val" and cfg.data.val_fraction <= 0:
-        raise ConfigError(f"{config_file}: data.val_fraction is 0: this run has no validation split")
+    cfg = load_config(config_file, overrides)
+    if split == "val":
+        if cfg.data.val_fraction <= 0:
+            raise ConfigError(f"--split val: {config_file} has data.val_fraction 0: this run held out no "
+                              "validation split (--split test evaluates the test set)")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split="val"))
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     loaders = build_loaders(dataclasses.replace(cfg.data, workers=0), 1, cfg.eval_batch_size, seed=0,

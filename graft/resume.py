@@ -28,7 +28,8 @@ def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
         path = f"{base}-{n}"
     path = ring.all_gather_objects(topo, path, leaders_only=False)[0]
     if path != base:
-        logger.info(f"resume=never: {base} holds checkpoints; this run writes to {path}")
+        logger.info(f"resume=never: {base} holds checkpoints; this run writes to {path} (to resume it after a "
+                    f"stop: output_dir={path} resume=auto; the same command would start afresh again)")
     return dataclasses.replace(cfg, output_dir=path)
 
 
@@ -41,18 +42,26 @@ def resume(cfg: Config, topo: ring.Topology, state) -> list[dict]:
     are removed, and a best.pt saved by one of them is set aside. Collective: every rank.
     """
     run_dir = Path(cfg.output_dir)
-    newest, saved = _newest_usable(cfg, topo)
+    with ring.together(topo, "resume"):  # damaged or foreign files of one network   # collective: every rank
+        newest, saved = _newest_usable(cfg, topo)
     agreed = _agree_on_epoch(cfg, topo, newest)                                   # collective: every rank
     if agreed < 0:
         return []
     path = checkpoint.epoch_path(run_dir, topo.network, agreed)
-    if not path.exists():
-        raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
-                                         "network completed; cannot resume consistently")
-    state.load_state_dict(saved if agreed == newest else checkpoint.load(path))
+    with ring.together(topo, "resume"):                                           # collective: every rank
+        if not path.exists():
+            raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
+                                             "network completed; cannot resume consistently")
+        state.load_state_dict(saved if agreed == newest else checkpoint.load(path))
     if len(set(ring.all_gather_objects(topo, state.grafted, leaders_only=False))) > 1:  # collective: every rank
         raise checkpoint.CheckpointError(f"{run_dir}: the networks' checkpoints of epoch {agreed} disagree on whether "
                                          "it was grafted (files of two different runs?); cannot resume consistently")
+    if state.grafted and agreed == cfg.epochs - 1:
+        # A run planned for more epochs grafted after this one: ending here would report weights
+        # that no epoch evaluated as the final ones.
+        raise ConfigError(f"epochs: {cfg.epochs} would end the run in {run_dir} on epoch {agreed + 1}'s grafted "
+                          f"weights (it was set up for more epochs, so that epoch ended with a graft); "
+                          f"epochs={agreed + 2} or more continues it")
     records = []
     if topo.is_leader:
         _forget_after(run_dir, topo.network, agreed)
@@ -85,7 +94,7 @@ def _agree_on_epoch(cfg: Config, topo: ring.Topology, newest: int) -> int:
             "consistently (resume=never starts afresh in a new directory)")
     if agreed + 1 > cfg.epochs:
         raise ConfigError(f"epochs: {cfg.epochs}, but the run in {cfg.output_dir} already completed {agreed + 1} "
-                          f"epochs: nothing to train. epochs={agreed + 1} or more extends it; {checkpoint.ELSEWHERE}")
+                          f"epochs: nothing to train. epochs={agreed + 2} or more extends it; {checkpoint.ELSEWHERE}")
     return agreed
 
 

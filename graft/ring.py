@@ -51,6 +51,10 @@ class PeerLost(UserError, RuntimeError):
     """A collective failed: another rank went away (its own error says why)."""
 
 
+class PeerFailed(UserError, RuntimeError):
+    """Another rank met an error where every rank meets (``raise_together``); names that rank."""
+
+
 @contextlib.contextmanager
 def collectives():
     """Code that talks to the other ranks. gloo reports a peer that went away as a plain
@@ -248,7 +252,8 @@ def arrive(topo: Topology, tag: str, timeout: float | None = None) -> None:
         missing = [r for r in range(topo.world) if r != topo.rank]
     names = ", ".join(f"network {r // topo.replicas} (rank {r})" for r in missing) or "a peer"
     raise PeerTimeout(f"rank {topo.rank}: {names} did not arrive at {tag} within {timeout:g} s; "
-                      "it probably died: see its log. Rerun the same command to resume.")
+                      "it probably died: see its log (or it needs longer: timeout=...). Rerun the same command "
+                      "to resume.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +317,12 @@ def exchange_weights(topo: Topology, own: FlatState, mode: str = "auto") -> tupl
         else:  # ring shift: send to k+1, receive from k-1
             send_to, recv_from = topo.leader_rank((k + 1) % n), topo.leader_rank(topo.peer)
             if topo.backend == "nccl":
-                ops = [dist.P2POp(dist.isend, buf, send_to), dist.P2POp(dist.irecv, peer.buffers[dt], recv_from)]
+                # In the leaders' group (peers are still global ranks): batch_isend_irecv needs every
+                # rank of its group to take part when it is the group's first collective, and in
+                # hybrid mode only the leaders exchange.
+                group = topo.leader_group
+                ops = [dist.P2POp(dist.isend, buf, send_to, group),
+                       dist.P2POp(dist.irecv, peer.buffers[dt], recv_from, group)]
                 for req in dist.batch_isend_irecv(ops):
                     req.wait()
             else:  # gloo: plain isend/irecv (batch_isend_irecv has hung on gloo in some releases)
@@ -457,3 +467,25 @@ def all_gather_objects(topo: Topology, obj, leaders_only: bool = True) -> list:
     with collectives():
         dist.all_gather_object(out, obj, group=group)
     return out
+
+
+
+@contextlib.contextmanager
+def together(topo: Topology, what: str, leaders_only: bool = False):
+    """Run the block on every rank (or leader); when it fails on one of them, fail on all: the
+    error where it happened, PeerFailed naming that rank elsewhere. A problem of one network only
+    (a damaged file of its own) then stops every rank at once, with the reason, instead of
+    leaving the others waiting in the next collective. Collective: every rank (or the leaders)."""
+    problem = None
+    try:
+        yield
+    except UserError as e:
+        problem = e
+    problems = all_gather_objects(topo, None if problem is None else str(problem), leaders_only)
+    if problem is not None:
+        raise problem
+    failed = [(r, m) for r, m in enumerate(problems) if m is not None]
+    if failed:
+        r, message = failed[0]
+        rank = topo.leader_rank(r) if leaders_only else r
+        raise PeerFailed(f"network {rank // topo.replicas} (rank {rank}) cannot {what}: {message}")

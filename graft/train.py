@@ -299,7 +299,8 @@ def final_test(cfg: Config, topo: ring.Topology, t: Training, loader) -> dict | 
     the final weights and the best-validation weights (best.pt), each network and the ensemble.
     Collective: leaders. Returns the result on rank 0, None elsewhere."""
     final, probs, labels = evaluate(t.model, loader, t.autocast, topo.device)
-    best = checkpoint.load(checkpoint.network_dir(cfg.output_dir, topo.network) / "best.pt")
+    with ring.together(topo, "evaluate its best-validation weights", leaders_only=True):  # collective: leaders
+        best = checkpoint.load(checkpoint.network_dir(cfg.output_dir, topo.network) / "best.pt")
     t.model.load_state_dict(best["model"])  # the run is over: the final weights are in their checkpoint
     chosen, best_probs, _ = evaluate(t.model, loader, t.autocast, topo.device)
     mine = {"network": topo.network, "final_test_acc": final["test_acc"], "best_val_epoch": best["epoch"],
@@ -357,7 +358,7 @@ def report_error(e: BaseException, topo: ring.Topology | None) -> None:
     says it. Under torchrun the line also goes into the error file torchrun gives each worker,
     where its failure summary and graft-run find it; under graft-run only there (see errors.py)."""
     rank = topo.rank if topo is not None else int(os.environ.get("RANK", "0"))
-    named = isinstance(e, (ConfigError, ring.PeerTimeout, ring.GraftError))  # the same on every rank, or names it
+    named = isinstance(e, (ConfigError, ring.PeerTimeout, ring.GraftError, ring.PeerFailed))  # names the rank
     where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed and not named else ""
     line = f"graft: error: {where}{e}"
     recorded = False

@@ -147,9 +147,21 @@ def test_incompatible_resume_is_refused_and_nothing_changes(reference, tmp_path)
         in proc.stderr
     proc = run(reference, overrides=["epochs=2"])
     assert proc.returncode != 0
-    assert f"epochs: 2, but the run in {reference} already completed 3 epochs: nothing to train. epochs=3 or " \
+    assert f"epochs: 2, but the run in {reference} already completed 3 epochs: nothing to train. epochs=4 or " \
         "more extends it; to start this run alongside it, give it its own output_dir=..." in proc.stderr
     assert saved_files(reference) == before  # config.yaml, metrics, checkpoints: all as they were
+
+    # Cut back to epoch 2, which ended with a graft: epochs=2 would end on weights no epoch evaluated.
+    cut = tmp_path / "cut"
+    shutil.copytree(reference, cut)
+    for k in (0, 1):
+        checkpoint.epoch_path(cut, k, 2).unlink()
+    before = saved_files(cut)
+    proc = run(cut, overrides=["epochs=2"])
+    assert proc.returncode != 0
+    assert f"epochs: 2 would end the run in {cut} on epoch 2's grafted weights" in proc.stderr
+    assert "epochs=3 or more continues it" in proc.stderr
+    assert saved_files(cut) == before
 
 
 def test_no_loadable_checkpoint_is_refused_not_restarted(reference, tmp_path):
@@ -161,8 +173,10 @@ def test_no_loadable_checkpoint_is_refused_not_restarted(reference, tmp_path):
     proc = run(out)
     assert proc.returncode != 0
     assert f"{checkpoint.network_dir(out, 1)}: none of the 2 epoch checkpoint(s) loads" in proc.stderr
-    # network 0, left alone in a collective, fails in one line too (no traceback, no abort)
-    assert "graft: error: rank 0 (network 0): communication with the other ranks failed" in proc.stderr
+    # network 0 stops with the reason, not left waiting in a collective (no traceback, no abort)
+    assert "graft: error: network 1 (rank 1) cannot resume: " \
+        f"{checkpoint.network_dir(out, 1)}: none of the 2 epoch checkpoint(s) loads" in proc.stderr
+    assert "communication with the other ranks failed" not in proc.stderr
     assert "terminate called" not in proc.stderr
     assert saved_files(out) == before  # best.pt and the metrics of the run survive
 

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from graft import ring
+from graft.config import ConfigError
 from graft.errors import UserError
 
 
@@ -93,3 +94,25 @@ def test_a_failed_collective_is_recognised_by_its_type():
             gather()
     finally:
         dist.destroy_process_group()
+
+
+def test_together_fails_on_every_rank_naming_the_one_that_failed(monkeypatch):
+    topo = ring.Topology(rank=0, world=4, replicas=2)
+    gathered = []
+    monkeypatch.setattr(ring, "all_gather_objects", lambda topo, obj, leaders_only: gathered.pop(0))
+    gathered.append([None, None, "net1/epoch0003.pt: unreadable", None])
+    with pytest.raises(ring.PeerFailed, match=r"^network 1 \(rank 2\) cannot resume: net1/epoch0003.pt: unreadable"):
+        with ring.together(topo, "resume"):
+            pass
+    gathered.append([None, "no best.pt"])  # leaders only: entry 1 is network 1's leader, rank 2
+    with pytest.raises(ring.PeerFailed, match=r"^network 1 \(rank 2\) cannot evaluate: no best.pt"):
+        with ring.together(topo, "evaluate", leaders_only=True):
+            pass
+    gathered.append(["mine", None, None, None])  # where it happened: its own error, unchanged
+    with pytest.raises(ConfigError, match="^mine$"):
+        with ring.together(topo, "resume"):
+            raise ConfigError("mine")
+    gathered.append([None] * 4)
+    with ring.together(topo, "resume"):
+        done = True
+    assert done and not gathered

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from graft.config import ConfigError
 from helpers import ROOT, torchrun
 
 FIXTURE = ROOT / "tests" / "fixtures" / "cifar10_sample.tar.gz"
@@ -132,6 +133,8 @@ def test_folder_data_through_dataloader_workers(tmp_path):
 
     result = evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "test")
     assert result["test_acc"] == rec["test_acc"] and result["images"] == 200  # data.test_subset=200
+    with pytest.raises(ConfigError, match=r"--split val: .*config.yaml has data.val_fraction 0: this run held out no"):
+        evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "val")
 
 
 def test_hybrid_mode_trains_two_networks_of_two_replicas(tmp_path):
