@@ -52,7 +52,7 @@ class PeerLost(UserError, RuntimeError):
 
 
 class PeerFailed(UserError, RuntimeError):
-    """Another rank met an error where every rank meets (``raise_together``); names that rank."""
+    """Another rank failed inside ``together``; names that rank and its error."""
 
 
 @contextlib.contextmanager
@@ -467,7 +467,6 @@ def all_gather_objects(topo: Topology, obj, leaders_only: bool = True) -> list:
     with collectives():
         dist.all_gather_object(out, obj, group=group)
     return out
-
 
 
 @contextlib.contextmanager

@@ -135,35 +135,39 @@ def read_state(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"attempts": [], "wall_seconds": 0.0}
 
 
+def write_json(path: Path, obj) -> None:
+    """Whole or not at all: a stop during the write leaves the previous file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def write_state(run: Run, state: dict) -> None:
     run.dir.mkdir(parents=True, exist_ok=True)
-    tmp = run.dir / ".study.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, run.dir / "study.json")
+    write_json(run.dir / "study.json", state)
 
 
 def finished(run: Run) -> bool:
     return read_state(run.archive).get("finished", False) and (run.archive / "summary.json").exists()
 
 
-def final_distance(run_dir: Path) -> dict | None:
+def final_distance(run_dir: Path, networks: int) -> dict | None:
     """How far apart the networks of a finished run end: the mean over layers of
     ``||W_peer - W_self|| / ||W_self||`` (``core.peer_distances``, which the training logs at each
     graft) between each network and its ring peer, on the last epoch's checkpoints, averaged over
     the networks. Near 0, the networks have become one network and an ensemble of them gains
-    nothing. None when the run has fewer than 2 networks or lacks the checkpoints."""
+    nothing. None with fewer than 2 networks, or without every network's last checkpoint."""
     from . import checkpoint
     from .core import make_plan, peer_distances
 
-    nets = sorted(int(d.name[3:]) for d in (run_dir / "checkpoints").glob("net*") if d.name[3:].isdigit())
-    finals = [checkpoint.epoch_files(run_dir, k)[-1:] for k in nets]
-    if len(nets) < 2 or not all(finals) or len({f[0][0] for f in finals}) > 1:
+    finals = [files[-1] for files in (checkpoint.epoch_files(run_dir, k) for k in range(networks)) if files]
+    if networks < 2 or len(finals) < networks or len({epoch for epoch, _ in finals}) > 1:
         return None
-    models = [checkpoint.load(f[0][1])["model"] for f in finals]
+    models = [checkpoint.load(path)["model"] for _, path in finals]
     layers = make_plan(models[0]).layers
-    per_network = [peer_distances(models[k], models[k - 1], layers).mean().item() for k in range(len(models))]
-    return {"final_distance": sum(per_network) / len(per_network), "per_network": per_network,
-            "epoch": finals[0][0][0], "layers": len(layers)}
+    per_network = [peer_distances(models[k], models[k - 1], layers).mean().item() for k in range(networks)]
+    return {"final_distance": sum(per_network) / networks, "per_network": per_network,
+            "epoch": finals[0][0], "layers": len(layers)}
 
 
 def write_distance(run: Run) -> None:
@@ -171,10 +175,9 @@ def write_distance(run: Run) -> None:
     (also for runs archived before weights.json existed); nothing when they are gone."""
     if (run.archive / "weights.json").exists() or not finished(run):
         return
-    record = final_distance(run.dir)
+    record = final_distance(run.dir, run.arm.networks)
     if record is not None:
-        (run.archive / ".weights.json.tmp").write_text(json.dumps(record, indent=2))
-        os.replace(run.archive / ".weights.json.tmp", run.archive / "weights.json")
+        write_json(run.archive / "weights.json", record)
 
 
 def archive(run: Run) -> None:

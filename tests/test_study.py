@@ -85,14 +85,15 @@ def test_final_distance_of_hand_made_checkpoints(tmp_path):
 
     save(0, 0, 5.0)  # an older epoch: only the last one counts
     save(0, 2, 1.0)
-    assert final_distance(tmp_path) is None  # one network: nothing to compare
+    assert final_distance(tmp_path, 1) is None  # one network: nothing to compare
+    assert final_distance(tmp_path, 2) is None  # network 1 has no checkpoint
     save(1, 2, 2.0)
-    record = final_distance(tmp_path)
+    record = final_distance(tmp_path, 2)
     # net0 against its ring peer net1: |2 - 1| / |1| = 1; net1 against net0: |1 - 2| / |2| = 0.5.
     assert record["per_network"] == [1.0, 0.5] and record["final_distance"] == 0.75
     assert record["epoch"] == 2 and record["layers"] == 1
     save(1, 3, 2.0)  # the networks' last checkpoints disagree: not a finished run
-    assert final_distance(tmp_path) is None
+    assert final_distance(tmp_path, 2) is None
 
 
 def study(tmp_path, *args, **kw):
