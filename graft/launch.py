@@ -93,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     args, config, overrides, print_config = parse_args(sys.argv[1:] if argv is None else argv)
     stopped = ("graft: stopped by {}: the workers stopped between steps and the last complete checkpoint is "
-               "intact; rerun the same command to resume")
+               "intact; {}")
+    resume_hint = "rerun the same command to resume"
     try:
         cfg = load_config(config, overrides)
+        if cfg.resume == "never":  # the same command would start afresh once more
+            resume_hint = "to resume, rerun with output_dir=(the directory the run named) resume=auto"
         if print_config:
             print(dump_config(cfg), end="")
             return 0
@@ -115,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
               "--rdzv-endpoint", file=sys.stderr, flush=True)
         return 1
     except SignalException as e:
-        print(stopped.format(e.sigval.name), file=sys.stderr, flush=True)
+        print(stopped.format(e.sigval.name, resume_hint), file=sys.stderr, flush=True)
         return 128 + e.sigval
     except KeyboardInterrupt:  # before torchrun's agent took the signals over
-        print(stopped.format("SIGINT"), file=sys.stderr, flush=True)
+        print(stopped.format("SIGINT", resume_hint), file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
 
 

@@ -208,7 +208,6 @@ class TrainState:
 
 def run(cfg: Config, topo: ring.Topology) -> dict | None:
     """Train this rank's network for ``cfg.epochs``; returns the run's summary on rank 0."""
-    cfg = fresh_output_dir(cfg, topo)                                                   # collective: every rank
     logger.info(topo.describe())
     seed_everything(cfg.seed + topo.network)  # replicas of one network share the model seed
     loaders = make_loaders(cfg, topo)                                                   # collective: a node's ranks
@@ -325,14 +324,22 @@ class Stop(UserError):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _install_signal_handlers() -> dict:
+def how_to_resume(cfg: Config) -> str:
+    """What a stopped run tells its user. Under resume=never the same command would not resume
+    but start afresh beside it, so the hint names the directory (fresh_output_dir's choice)."""
+    if cfg.resume == "never":
+        return f"to resume it, rerun with output_dir={cfg.output_dir} resume=auto"
+    return "rerun the same command to resume"
+
+
+def _install_signal_handlers(resume_hint: str) -> dict:
     """Turn SIGTERM and SIGINT into Stop; returns the handlers they had."""
     def handler(signum, _frame):
         # Under srun a worker gets SIGTERM twice (from slurmstepd, then from torchrun's agent):
         # the second must not interrupt the first's clean stop.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Stop(f"received {signal.Signals(signum).name}: stopped; the last complete checkpoint "
-                   "is intact, rerun the same command to resume")
+                   f"is intact, {resume_hint}")
     return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
 
@@ -387,7 +394,8 @@ def main(argv=None) -> int:
             return 0
         topo = ring.setup(cfg.data_parallel, cfg.backend, cfg.device, cfg.timeout)
         log.setup(topo.rank, topo.world)
-        handlers = _install_signal_handlers()
+        cfg = fresh_output_dir(cfg, topo)                                           # collective: every rank
+        handlers = _install_signal_handlers(how_to_resume(cfg))
         run(cfg, topo)
         ring.arrive(topo, "end of run")  # nobody tears the group down under a peer still logging
         finished = True

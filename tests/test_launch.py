@@ -16,8 +16,8 @@ from helpers import ROOT, env, torchrun
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 FIXTURE = ROOT / "tests" / "fixtures" / "cifar10_sample.tar.gz"
-STOPPED = ("graft: stopped by {}: the workers stopped between steps and the last complete checkpoint is intact; "
-           "rerun the same command to resume")
+STOPPED = "graft: stopped by {}: the workers stopped between steps and the last complete checkpoint is intact; {}"
+RERUN = "rerun the same command to resume"
 
 
 def tiny(tmp_path, *overrides, epochs=1):
@@ -163,12 +163,16 @@ def test_a_run_through_graft_run(tmp_path):
     assert proc.stderr == ""
 
 
-@pytest.mark.parametrize("sig,who", [(signal.SIGINT, "group"), (signal.SIGTERM, "launcher")],
-                         ids=["ctrl-c", "sigterm-to-the-launcher"])
-def test_a_stop_ends_in_one_line(tmp_path, sig, who):
-    """Ctrl-C reaches every process of the terminal's group; a scheduler may signal the launcher only."""
+@pytest.mark.parametrize("sig,who,resume,hint", [
+    (signal.SIGINT, "group", "auto", RERUN),
+    (signal.SIGTERM, "launcher", "never",
+     "to resume, rerun with output_dir=(the directory the run named) resume=auto")],
+    ids=["ctrl-c", "sigterm-to-the-launcher-under-resume-never"])
+def test_a_stop_ends_in_one_line(tmp_path, sig, who, resume, hint):
+    """Ctrl-C reaches every process of the terminal's group; a scheduler may signal the launcher only.
+    Under resume=never the same command would start afresh, so the line must not suggest it."""
     proc = subprocess.Popen([sys.executable, "-m", "graft.launch", "--standalone", "--nproc_per_node=2", "--config",
-                             str(QUICKSTART), *tiny(tmp_path, epochs=50)], cwd=ROOT, env=env(),
+                             str(QUICKSTART), *tiny(tmp_path, f"resume={resume}", epochs=50)], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     run_dir = tmp_path / "run"
     deadline = time.monotonic() + 240
@@ -183,7 +187,7 @@ def test_a_stop_ends_in_one_line(tmp_path, sig, who):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 128 + sig
-    assert stderr.splitlines() == [STOPPED.format(sig.name)]
+    assert stderr.splitlines() == [STOPPED.format(sig.name, hint)]
     for k in (0, 1):
         newest, _, skipped = checkpoint.newest_complete(run_dir, k)
         assert newest >= 0 and not skipped

@@ -184,6 +184,15 @@ def test_graft_eval_errors_name_the_file(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith(f"graft-eval: error: {missing}: unreadable checkpoint")
 
 
+def test_a_stop_says_how_to_resume():
+    """resume=never: the same command would start afresh beside the run, so the hint names its directory."""
+    from graft.config import Config
+    from graft.train import how_to_resume
+    assert how_to_resume(Config(output_dir="runs/a", resume="auto")) == "rerun the same command to resume"
+    assert how_to_resume(Config(output_dir="runs/a-1", resume="never")) == (
+        "to resume it, rerun with output_dir=runs/a-1 resume=auto")
+
+
 def test_train_state_round_trips():
     """TrainState.load_state_dict(state_dict()) restores the weights, optimizer, schedule, RNGs
     and position: the next step after a restore is the step the saved run would have taken."""
