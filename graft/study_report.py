@@ -115,24 +115,12 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
         cols = [_pm([r[m] for r in rs if r[m] is not None]) for m, _ in METRICS]
         lines.append(f"| {a} | {arm_of[a].networks} | {len(rs)} | " + " | ".join(cols) + " |")
     lines += ["", f"## Paired differences against `{plan.reference}` (same seeds, 95% t interval)", ""]
-    sentences = []
-    ref = per_arm[plan.reference]
-    lines += ["| arm | metric | pairs | mean difference | 95% interval |", "|---|---|---|---|---|"]
-    for a in arms:
-        if a == plan.reference:
-            continue
-        seeds = sorted(set(per_arm[a]) & set(ref))
-        for m, name in METRICS:
-            pairs = [(per_arm[a][s][m], ref[s][m]) for s in seeds
-                     if per_arm[a][s][m] is not None and ref[s][m] is not None]
-            if not pairs:
-                continue
-            d = paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
-            interval = "-" if d.n < 2 else f"[{d.low:+.2f}, {d.high:+.2f}]"
-            lines.append(f"| {a} | {name} | {d.n} | {d.mean:+.2f} | {interval} |")
-            if m in ("final", "ensemble"):
-                sentences.append(_sentence(a, plan.reference, name, d))
-    lines += ["", *[f"- {s}" for s in sentences], ""]
+    others = [a for a in arms if a != plan.reference]
+    lines += difference_table([(a, plan.reference) for a in others], per_arm, METRICS)
+    pairs = [(a, b) for i, a in enumerate(others) for b in others[i + 1:]]
+    if pairs:  # e.g. graft against average: is entropy weighting better than plain averaging?
+        lines += ["## Paired differences between the other arms", ""]
+        lines += difference_table(pairs, per_arm, [m for m in METRICS if m[0] in ("final", "ensemble")])
     lines += ["## Per arm", "", "*mean alpha*: over networks, layers and grafts; *mean abs(alpha - 0.5)*: how far a "
               "layer's alpha strays from plain averaging; *distance*: how far apart the networks' final weights are "
               "(mean over layers of ||W_peer - W_self|| / ||W_self||, each network against its ring peer; near 0: "
@@ -190,13 +178,37 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
     return md
 
 
+def difference_table(pairs: list[tuple[str, str]], per_arm: dict, metrics) -> list[str]:
+    """A table of paired differences (arm a minus arm b, on the seeds both finished) and a
+    sentence for each final and ensemble-final difference."""
+    lines = ["| arm | against | metric | pairs | mean difference | 95% interval |", "|---|---|---|---|---|---|"]
+    sentences = []
+    for a, b in pairs:
+        seeds = sorted(set(per_arm[a]) & set(per_arm[b]))
+        for m, name in metrics:
+            both = [(per_arm[a][s][m], per_arm[b][s][m]) for s in seeds
+                    if per_arm[a][s][m] is not None and per_arm[b][s][m] is not None]
+            if not both:
+                continue
+            d = paired_difference([x for x, _ in both], [y for _, y in both])
+            interval = "-" if d.n < 2 else f"[{d.low:+.2f}, {d.high:+.2f}]"
+            lines.append(f"| {a} | {b} | {name} | {d.n} | {d.mean:+.2f} | {interval} |")
+            if m in ("final", "ensemble"):
+                sentences.append(_sentence(a, b, name, d))
+    return lines + ["", *[f"- {s}" for s in sentences], ""]
+
+
 def _sentence(arm: str, ref: str, metric: str, d) -> str:
     if d.n < 2:
         return f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points from one seed; no interval yet."
     if d.excludes_zero:
         side = "above" if d.mean > 0 else "below"
-        return (f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points; the 95% interval excludes 0: {arm} is "
-                f"{side} {ref} on these {d.n} seeds.")
+        sentence = (f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points; the 95% interval excludes 0: {arm} is "
+                    f"{side} {ref} on these {d.n} seeds.")
+        if d.high - d.low < 0.01:  # sd 0 at the report's resolution: the t interval collapses
+            sentence += (" The difference was the same on every seed, so the interval has no width: read it as "
+                         f"'{side} on each of {d.n} seeds', not as a precise estimate.")
+        return sentence
     return (f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points; the 95% interval includes 0: no difference "
             f"resolved with {d.n} seeds.")
 

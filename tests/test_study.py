@@ -40,6 +40,20 @@ def test_paired_difference_interval():
         paired_difference([1.0], [1.0, 2.0])
 
 
+def test_difference_table_pairs_seeds_and_flags_a_zero_width_interval():
+    from graft.study_report import difference_table
+    per_arm = {"graft": {0: {"final": 84.0, "ensemble": 84.0}, 1: {"final": 83.0, "ensemble": 83.5},
+                         2: {"final": 85.0, "ensemble": 84.5}},
+               "average": {0: {"final": 83.0, "ensemble": 83.0}, 1: {"final": 83.0, "ensemble": 82.5}}}
+    lines = difference_table([("graft", "average")], per_arm, [("final", "final"), ("ensemble", "ensemble final")])
+    # Seed 2 has no partner: 2 pairs. Final differences 1 and 0; ensemble 1 and 1 (zero width).
+    assert "| graft | average | final | 2 | +0.50 | [-5.85, +6.85] |" in lines
+    assert "| graft | average | ensemble final | 2 | +1.00 | [+1.00, +1.00] |" in lines
+    text = "\n".join(lines)
+    assert "graft vs average, final: +0.50 points; the 95% interval includes 0" in text
+    assert "is above average on these 2 seeds. The difference was the same on every seed" in text
+
+
 def test_plan_errors_name_the_arm(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     plan = tmp_path / "plan.yaml"
@@ -146,7 +160,7 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
         summary = json.loads((results / "tiny" / label / "summary.json").read_text())
         final = sum(n["final_test_acc"] for n in summary["test"]["networks"].values()) / 2
         assert f"| {label} | 3 | {final:.2f} |" in report
-    assert "| graft | final | 2 |" in report
+    assert "| graft | independent | final | 2 |" in report
     assert "graft vs independent, final:" in report
     assert "| independent | 2 | 2 |" in report and "| graft | 2 | 2 |" in report
     distances = {label: json.loads((results / "tiny" / label / "weights.json").read_text())["final_distance"]
