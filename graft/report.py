@@ -119,10 +119,18 @@ class MetricsLog:
     def truncate(self, after_epoch: int) -> list[dict]:
         """Drop the records after ``after_epoch``; returns the records kept."""
         keep = [r for r in self.read() if r["epoch"] <= after_epoch]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        self._rewrite(keep)
         return keep
+
+    def replace(self, records: list[dict]) -> None:
+        """Put ``records`` in place of those with the same (epoch, network)."""
+        new = {(r["epoch"], r["network"]): r for r in records}
+        self._rewrite([new.get((r["epoch"], r["network"]), r) for r in self.read()])
+
+    def _rewrite(self, records: list[dict]) -> None:
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path)
 
 
 class RunLog:
@@ -153,6 +161,11 @@ class RunLog:
         self.metrics.write(records)
         self.tensorboard.write(records)
         logger.info(epoch_table(records, self.epochs, self.thresholds))
+
+    def grafted_late(self, records: list[dict]) -> None:
+        """A run extended after its last epoch grafts first: that epoch's records, with the graft,
+        replace the ones saying it was not grafted (metrics.jsonl; TensorBoard keeps the old point)."""
+        self.metrics.replace(records)
 
     def finish(self, test: dict | None) -> dict | None:
         """summary.json from every epoch's records (None when there are none)."""

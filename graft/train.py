@@ -217,8 +217,14 @@ def run(cfg: Config, topo: ring.Topology) -> dict | None:
     resumed = resume(cfg, topo, state) if cfg.resume == "auto" else []                  # collective: every rank
     out = RunLog(cfg, state.epoch + 1, resumed) if topo.is_main else None
     if t.grafting and not state.grafted and 0 <= state.epoch < cfg.epochs - 1:  # a run extended after its last epoch
-        t.grafter.graft(t.model, epoch=state.epoch)                                     # collective: every rank
+        late = graft(t, state.epoch)                                                    # collective: every rank
         logger.info(f"grafted after epoch {state.epoch + 1}: it was the last epoch of the run now extended")
+        state.grafted = True
+        if topo.is_leader:
+            state.record = state.record and {**state.record, **late}  # None: a checkpoint older than records in it
+            records = ring.all_gather_objects(topo, state.record)                       # collective: leaders
+            if topo.is_main:
+                out.grafted_late([r for r in records if r])
     for epoch in range(state.epoch + 1, cfg.epochs):
         start = time.perf_counter()
         record = {"epoch": epoch, "network": topo.network, "lr": t.optimizer.param_groups[0]["lr"],

@@ -203,6 +203,10 @@ def test_extending_a_finished_run_follows_the_longer_schedule(reference, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming after epoch 2/3" in proc.stdout
     assert "grafted after epoch 2: it was the last epoch of the run now extended" in proc.stdout
+    # That late graft is in epoch 2's records (which came back from the checkpoints), as any other graft.
+    late = [r for r in records(out) if r["epoch"] == 1]
+    assert sorted(r["network"] for r in late) == [0, 1]
+    assert all(r["peer"] == (r["network"] - 1) % 2 and 0 < r["mean_alpha"] < 1 and r["graft"] for r in late)
     # The third epoch's lr is the 3-epoch cosine's, as in a run planned for 3 epochs from the start.
     lr = {(r["epoch"], r["network"]): r["lr"] for r in records(reference)}
     assert {(r["epoch"], r["network"]): r["lr"] for r in records(out) if r["epoch"] == 2} == \
