@@ -28,6 +28,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -149,6 +150,20 @@ def write_state(run: Run, state: dict) -> None:
 
 def finished(run: Run) -> bool:
     return read_state(run.archive).get("finished", False) and (run.archive / "summary.json").exists()
+
+
+def time_left(runs: list[Run], left: list[Run]) -> float | None:
+    """Seconds the runs in ``left`` should take, each at the mean wall time of its arm's finished
+    runs (an arm that grafts takes longer than one that does not), or of every finished run for
+    an arm with none yet. None before any run has finished."""
+    walls: dict[str, list[float]] = {}
+    for r in runs:
+        if finished(r):
+            walls.setdefault(r.arm.name, []).append(read_state(r.archive)["wall_seconds"])
+    every = [w for ws in walls.values() for w in ws]
+    if not every:
+        return None
+    return sum(statistics.mean(walls.get(r.arm.name, every)) for r in left)
 
 
 def final_distance(run_dir: Path, networks: int) -> dict | None:
@@ -288,8 +303,8 @@ def main(argv=None) -> int:
         if args.max_runs and done_now >= args.max_runs:
             print(f"stopped after {done_now} run(s) (--max-runs); the same command continues the study")
             return 0
-        times = [read_state(r.archive)["wall_seconds"] for r in runs if finished(r)]
-        eta = f"; about {fmt_duration(sum(times) / len(times) * (len(left) - i))} left" if times else ""
+        seconds = time_left(runs, left[i:])
+        eta = "" if seconds is None else f"; about {fmt_duration(seconds)} left"
         print(f"[{len(runs) - len(left) + i + 1}/{len(runs)}] {run.label} -> {run.dir}{eta}")
         try:
             code = run_one(plan, run, args.overrides)

@@ -13,7 +13,7 @@ import torch
 from graft import checkpoint
 from graft.config import ConfigError
 from graft.stats import paired_difference, t_quantile_975
-from graft.study import command, final_distance, load_plan, runs_of
+from graft.study import Arm, Run, command, final_distance, load_plan, runs_of, time_left, write_json
 from helpers import ROOT, env
 
 PLAN = ROOT / "tests" / "studies" / "tiny.yaml"
@@ -52,6 +52,21 @@ def test_difference_table_pairs_seeds_and_flags_a_zero_width_interval():
     text = "\n".join(lines)
     assert "graft vs average, final: +0.50 points; the 95% interval includes 0" in text
     assert "is above average on these 2 seeds. The difference was the same on every seed" in text
+
+
+def test_time_left_goes_by_the_arm(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan = load_plan(PLAN)
+    plan.results = str(tmp_path)
+    runs = runs_of(plan)  # independent/seed0, graft/seed0, independent/seed1, graft/seed1
+    assert time_left(runs, runs) is None  # nothing finished: no estimate
+    for run, wall in zip(runs[:2], (600.0, 900.0)):
+        run.archive.mkdir(parents=True)
+        (run.archive / "summary.json").write_text("{}")
+        write_json(run.archive / "study.json", {"finished": True, "wall_seconds": wall})
+    assert time_left(runs, runs[2:]) == 600.0 + 900.0
+    plan.arms.append(Arm(name="long"))
+    assert time_left(runs, [*runs[2:], Run(plan.arms[-1], 0, tmp_path, tmp_path / "long")]) == 1500.0 + 750.0
 
 
 def test_plan_errors_name_the_arm(tmp_path, monkeypatch):
