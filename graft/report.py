@@ -123,9 +123,12 @@ class MetricsLog:
         return keep
 
     def replace(self, records: list[dict]) -> None:
-        """Put ``records`` in place of those with the same (epoch, network)."""
+        """Put ``records`` in place of those with the same (epoch, network); add the others."""
         new = {(r["epoch"], r["network"]): r for r in records}
-        self._rewrite([new.get((r["epoch"], r["network"]), r) for r in self.read()])
+        old = self.read()
+        have = {(r["epoch"], r["network"]) for r in old}
+        self._rewrite([new.get((r["epoch"], r["network"]), r) for r in old]
+                      + [r for key, r in new.items() if key not in have])
 
     def _rewrite(self, records: list[dict]) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
@@ -152,8 +155,10 @@ class RunLog:
         if first_epoch == 0 and self.metrics.read():
             logger.info(f"starting over: the metrics of the earlier run are kept in {self.metrics.set_aside()}")
         elif first_epoch > 0:
-            have = {(r["epoch"], r["network"]) for r in self.metrics.truncate(after_epoch=first_epoch - 1)}
-            self.metrics.write([r for r in resumed if r and (r["epoch"], r["network"]) not in have])
+            # The resumed checkpoints' records are the truth for their epoch: the run may have
+            # stopped before logging them, or logged a late graft (grafted_late) it never saved.
+            self.metrics.truncate(after_epoch=first_epoch - 1)
+            self.metrics.replace([r for r in resumed if r])
         self.tensorboard = TensorBoardLog(self.dir, purge_from=first_epoch)
 
     def epoch(self, records: list[dict]) -> None:

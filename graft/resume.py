@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 from pathlib import Path
 
 from . import checkpoint, ring
@@ -27,9 +28,10 @@ def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
         n += 1
         path = f"{base}-{n}"
     path = ring.all_gather_objects(topo, path, leaders_only=False)[0]
-    if path != base:
-        logger.info(f"resume=never: {base} holds checkpoints; this run writes to {path} (to resume it after a "
-                    f"stop: output_dir={path} resume=auto; the same command would start afresh again)")
+    # Named either way: after a stop, the same command would start afresh once more.
+    why = f"{base} holds checkpoints; " if path != base else ""
+    logger.info(f"resume=never: {why}this run writes to {path} (to resume it after a stop: "
+                f"output_dir={shlex.quote(path)} resume=auto; the same command would start afresh again)")
     return dataclasses.replace(cfg, output_dir=path)
 
 

@@ -199,18 +199,17 @@ def difference_table(pairs: list[tuple[str, str]], per_arm: dict, metrics) -> li
 
 
 def _sentence(arm: str, ref: str, metric: str, d) -> str:
+    head = f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points"
     if d.n < 2:
-        return f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points from one seed; no interval yet."
+        return f"{head} from one seed; no interval yet."
+    if d.high - d.low < 0.01:  # sd 0 at the report's resolution: the t interval collapses to a point
+        same = "the same" if abs(d.mean) < 0.005 else ("above" if d.mean > 0 else "below")
+        return (f"{head} on each of {d.n} seeds: the difference was the same on every seed, so the interval has "
+                f"no width. Read it as '{same} on each of {d.n} seeds', not as a precise estimate.")
     if d.excludes_zero:
         side = "above" if d.mean > 0 else "below"
-        sentence = (f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points; the 95% interval excludes 0: {arm} is "
-                    f"{side} {ref} on these {d.n} seeds.")
-        if d.high - d.low < 0.01:  # sd 0 at the report's resolution: the t interval collapses
-            sentence += (" The difference was the same on every seed, so the interval has no width: read it as "
-                         f"'{side} on each of {d.n} seeds', not as a precise estimate.")
-        return sentence
-    return (f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points; the 95% interval includes 0: no difference "
-            f"resolved with {d.n} seeds.")
+        return f"{head}; the 95% interval excludes 0: {arm} is {side} {ref} on these {d.n} seeds."
+    return f"{head}; the 95% interval includes 0: no difference resolved with {d.n} seeds."
 
 
 def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:

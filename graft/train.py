@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -334,7 +335,7 @@ def how_to_resume(cfg: Config) -> str:
     """What a stopped run tells its user. Under resume=never the same command would not resume
     but start afresh beside it, so the hint names the directory (fresh_output_dir's choice)."""
     if cfg.resume == "never":
-        return f"to resume it, rerun with output_dir={cfg.output_dir} resume=auto"
+        return f"to resume it, rerun with output_dir={shlex.quote(cfg.output_dir)} resume=auto"
     return "rerun the same command to resume"
 
 

@@ -1,8 +1,11 @@
 """The run summary: final and best accuracy per network, the ensemble's, mean and spread."""
 
+import json
+
 import pytest
 
-from graft.report import epoch_table, summarize
+from graft.config import Config
+from graft.report import MetricsLog, RunLog, epoch_table, summarize
 
 
 def record(network, epoch, test_acc, ensemble_acc):
@@ -35,3 +38,21 @@ def test_epoch_table_shows_mean_alpha_and_peer_distance_or_a_dash():
     head, grafted, plain = table.splitlines()[1:]
     assert head.split()[5:7] == ["alpha", "dist"]
     assert grafted.split()[5:7] == ["0.457", "0.012"] and plain.split()[5:7] == ["-", "-"]
+
+
+def test_resumed_checkpoint_records_win_over_the_logged_ones(tmp_path):
+    """metrics.jsonl can be ahead of the checkpoints: epoch 1 logged with a late graft (an extended
+    run) that was never saved, epoch 2 logged but not checkpointed. A resume after epoch 1 keeps the
+    checkpoints' records and adds the one that was never logged."""
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write([record(k, e, 50.0 + e, 60.0) for e in (0, 1, 2) for k in (0, 1)])
+    log.replace([{**record(0, 1, 51.0, 60.0), "peer": 1}])  # in place: one record per (epoch, network)
+    assert [(r["epoch"], r["network"], r.get("peer")) for r in log.read()] == [
+        (0, 0, None), (0, 1, None), (1, 0, 1), (1, 1, None), (2, 0, None), (2, 1, None)]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines.remove(json.dumps(record(1, 1, 51.0, 60.0)))  # as if stopped before network 1's epoch 1 was logged
+    (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    resumed = [{**record(k, 1, 51.0, 60.0), "peer": None} for k in (0, 1)]
+    RunLog(Config(output_dir=str(tmp_path), epochs=4), first_epoch=2, resumed=resumed)
+    assert sorted((r["epoch"], r["network"], r.get("peer")) for r in log.read()) == [
+        (0, 0, None), (0, 1, None), (1, 0, None), (1, 1, None)]

@@ -51,7 +51,11 @@ def test_difference_table_pairs_seeds_and_flags_a_zero_width_interval():
     assert "| graft | average | ensemble final | 2 | +1.00 | [+1.00, +1.00] |" in lines
     text = "\n".join(lines)
     assert "graft vs average, final: +0.50 points; the 95% interval includes 0" in text
-    assert "is above average on these 2 seeds. The difference was the same on every seed" in text
+    assert ("graft vs average, ensemble final: +1.00 points on each of 2 seeds: the difference was the same on "
+            "every seed, so the interval has no width. Read it as 'above on each of 2 seeds'") in text
+    tie = difference_table([("graft", "average")], {a: {0: {"final": 83.0}, 1: {"final": 84.0}} for a in per_arm},
+                           [("final", "final")])
+    assert "Read it as 'the same on each of 2 seeds'" in "\n".join(tie)
 
 
 def test_time_left_goes_by_the_arm(tmp_path, monkeypatch):
