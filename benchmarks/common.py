@@ -11,20 +11,13 @@ from pathlib import Path
 
 import torch
 
-from graft.engine import cpu_has_bf16
+from graft.engine import cpu_has_bf16, cpu_name
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     # "AMD EPYC" names several generations; whether bf16 is native decides the bf16 figures.
     bf16 = {True: " (native bf16)", False: " (no AVX512-BF16/AMX: bf16 emulated)", None: ""}[cpu_has_bf16()]
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"

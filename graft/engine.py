@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import platform
 import time
 
 import torch
@@ -40,6 +42,25 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     except OSError:
         return None
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("model name" in /proc/cpuinfo; platform's guess where that is missing)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_name() -> str:
+    """The machine a run ran on, as its records name it: CPU, core count and GPU. Wall times and
+    low-order bits of fp32 results depend on it."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {gpu}"
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scaler, autocast, progress,

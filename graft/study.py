@@ -9,7 +9,8 @@ A plan (YAML) names a base config, common overrides, the arms (name, networks, o
 seeds and the study's name. Runs go to ``<root>/<name>/<arm>/seed<k>/`` one after another.
 Finished runs are skipped and an interrupted one resumes (the launcher's ``resume: auto``), so
 the same command continues a study after any stop. Each run records the code version it ran
-(git commit, and whether the tree had changes) in ``study.json`` beside its outputs.
+(git commit, and whether the tree had changes) and the machine (CPU, cores, GPU) of each attempt
+in ``study.json`` beside its outputs.
 
 A finished run's small files (config.yaml, metrics.jsonl, summary.json, study.json; no
 checkpoints) are copied to ``<results>/<name>/<arm>/seed<k>/``, with weights.json: how far apart
@@ -218,8 +219,11 @@ def code_version() -> dict:
 
 def run_one(plan: Plan, run: Run, extra=()) -> int:
     """One run, resumed if it was interrupted; its output goes to the terminal and to log.txt."""
+    from .engine import machine_name  # torch: imported when a run starts, not for --dry-run or a plan error
+
     state = read_state(run.dir)
-    state["attempts"].append({**code_version(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    state["attempts"].append({**code_version(), "machine": machine_name(),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_state(run, state)
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -64,6 +64,7 @@ def run_result(run: Run) -> dict | None:
         "overhead": sum(r.get("graft_seconds", 0.0) for r in records) / epoch_seconds if epoch_seconds else 0.0,
         "wall_seconds": state["wall_seconds"],
         "versions": [(a["commit"], a["dirty"]) for a in state["attempts"]],
+        "machines": [a.get("machine") for a in state["attempts"]],  # None: a runner that did not record it
         "curve_split": split,
         "curve": [statistics.mean(curve[e]) for e in sorted(curve)],
     }
@@ -79,6 +80,20 @@ def _pm(values: list[float], digits: int = 2) -> str:
 def _short(version: tuple) -> str:
     commit, dirty = version
     return commit[:10] + (" (changes)" if dirty else "")
+
+
+def _machine_keys(results) -> dict[str, str]:
+    """A short key (A, B, ...) for each machine the finished runs recorded, in order of first use."""
+    keys: dict[str, str] = {}
+    for res in results:
+        for m in (res or {}).get("machines", ()):
+            if m and m not in keys:
+                keys[m] = chr(ord("A") + len(keys)) if len(keys) < 26 else f"M{len(keys) + 1}"
+    return keys
+
+
+def _unrecorded(results) -> bool:
+    return any(m is None for res in results if res for m in res["machines"])
 
 
 def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> Path:
@@ -147,31 +162,43 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
         overhead = f"{100 * statistics.mean(r['overhead'] for r in rs):.3f}"
         wall = fmt_duration(statistics.mean(r["wall_seconds"] for r in rs))
         lines.append(f"| {a} | {inv} | {alpha} | {stray} | {distance} | {gain} | {overhead} | {wall} |")
-    lines += ["", "## Runs", "", "| run | epochs | final | best-val | ensemble final | wall time | code |",
-              "|---|---|---|---|---|---|---|"]
-    mixed = []
+    lines += ["", "## Runs", "", "| run | epochs | final | best-val | ensemble final | wall time | code | machine |",
+              "|---|---|---|---|---|---|---|---|"]
+    mixed, spread = [], []  # arms whose runs ran different code / different machines
+    keys = _machine_keys(results.values())
     for a in arms:
-        versions = set()
+        versions, machines = set(), set()
         for r in runs:
             if r.arm.name != a:
                 continue
             res = results[r.label]
             if res is None:
-                lines.append(f"| {r.label} | - | not finished | | | | |")
+                lines.append(f"| {r.label} | - | not finished | | | | | |")
                 continue
             versions.update(res["versions"])
+            machines.update(m for m in res["machines"] if m)
             code = ", ".join(sorted({_short(v) for v in res["versions"]}))
+            machine = ", ".join(sorted({keys[m] for m in res["machines"] if m})) or "-"
             best = "-" if res["best_val"] is None else f"{res['best_val']:.2f}"
             lines.append(f"| {r.label} | {res['epochs']} | {res['final']:.2f} | {best} | {res['ensemble']:.2f} | "
-                         f"{fmt_duration(res['wall_seconds'])} | {code} |")
+                         f"{fmt_duration(res['wall_seconds'])} | {code} | {machine} |")
         if len({v[0] for v in versions}) > 1 or any(v[1] for v in versions):
             mixed.append(a)
+        if len(machines) > 1:
+            spread.append(a)
     lines.append("")
     if mixed:
         lines += [f"**Mixed code versions** in arm(s) {', '.join(mixed)}: their runs ran different commits or a "
                   "tree with changes (see the code column).", ""]
     else:
         lines += ["Every arm's runs ran one commit, from a clean tree.", ""]
+    if keys:
+        lines += ["Machines: " + "; ".join(f"{k}: {m}" for m, k in keys.items())
+                  + (". -: not recorded (a runner older than the record)." if _unrecorded(results.values()) else "."),
+                  ""]
+    if spread:
+        lines += [f"**Runs on different machines** in arm(s) {', '.join(spread)}: wall times compare only within a "
+                  "machine.", ""]
     if drew:
         lines += [f"![{plan.name}]({png.name})", ""]
     md.write_text("\n".join(lines))

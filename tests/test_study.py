@@ -12,6 +12,7 @@ import torch
 
 from graft import checkpoint
 from graft.config import ConfigError
+from graft.engine import machine_name
 from graft.stats import paired_difference, t_quantile_975
 from graft.study import Arm, Run, command, final_distance, load_plan, runs_of, time_left, write_json
 from helpers import ROOT, env
@@ -169,6 +170,7 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
     assert "resuming after epoch" in out
     state = json.loads((runs / "graft" / "seed0" / "study.json").read_text())
     assert len(state["attempts"]) == 2 and state["finished"]
+    assert {a["machine"] for a in state["attempts"]} == {machine_name()}
     assert len(json.loads((runs / "independent" / "seed0" / "study.json").read_text())["attempts"]) == 1
     records = [json.loads(line) for line in (results / "tiny" / "graft" / "seed0" / "metrics.jsonl").open()]
     assert sorted((r["network"], r["epoch"]) for r in records) == [(n, e) for n in (0, 1) for e in range(3)]
@@ -194,5 +196,24 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
                     "--results", str(results), "--report"], cwd=ROOT, env=env(), check=True, capture_output=True)
     again = json.loads((results / "tiny" / "graft" / "seed0" / "weights.json").read_text())["final_distance"]
     assert again == distances["graft/seed0"]
+    assert f"Machines: A: {machine_name()}." in report
+    assert report.count(" | A |") == 4 and "Runs on different machines" not in report
+
+    # Runs of one arm on two machines are flagged; a run from a runner that did not record its
+    # machine shows '-'.
+    for label, machine in (("graft/seed1", "Other CPU, 8 cores, no GPU"), ("independent/seed1", None)):
+        path = results / "tiny" / label / "study.json"
+        state = json.loads(path.read_text())
+        for attempt in state["attempts"]:
+            attempt.pop("machine")
+            if machine:
+                attempt["machine"] = machine
+        write_json(path, state)
+    subprocess.run([sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
+                    "--results", str(results), "--report"], cwd=ROOT, env=env(), check=True, capture_output=True)
+    report = (results / "tiny.md").read_text()
+    assert f"Machines: A: {machine_name()}; B: Other CPU, 8 cores, no GPU. -: not recorded" in report
+    assert " | B |" in report and " | - |" in report
+    assert "**Runs on different machines** in arm(s) graft: wall times compare only within a machine." in report
     pytest.importorskip("matplotlib")
     assert (results / "tiny.png").stat().st_size > 10_000

@@ -246,3 +246,13 @@ def test_cpu_bf16_support_is_read_from_the_flags(tmp_path):
     assert cpu_has_bf16(str(tmp_path / "avx2")) is False
     assert cpu_has_bf16(str(tmp_path / "sapphire")) is True
     assert cpu_has_bf16(str(tmp_path / "missing")) is None
+
+
+def test_cpu_name_is_the_model_name_line(tmp_path):
+    import platform
+
+    from graft.engine import cpu_name
+
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t: avx2\n")
+    assert cpu_name(str(tmp_path / "cpuinfo")) == "AMD EPYC 7B13 64-Core Processor"
+    assert cpu_name(str(tmp_path / "missing")) == (platform.processor() or platform.machine())
