@@ -44,12 +44,19 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split="val"))
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU here (--device cpu, or auto)")
     loaders = build_loaders(dataclasses.replace(cfg.data, workers=0), 1, cfg.eval_batch_size, seed=0,
                             device=dev, channels_last=cfg.channels_last)
     loader = loaders.eval if split == "val" else loaders.test
     model = build_model(cfg.model, cfg.num_classes).to(dev)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # the config (or an override) names another model than the one saved
+        detail = " ".join(str(e).split())[:300]
+        raise ConfigError(f"{path}: its weights do not fit model {cfg.model} with num_classes {cfg.num_classes} "
+                          f"(from {config_file} and the overrides): {detail}") from None
     stats, _, labels = evaluate(model, loader, make_autocast(cfg.amp, dev), dev, split)
     return {"checkpoint": str(path), "network": state.get("network"), "epoch": state.get("epoch"),
             "split": split, "images": len(labels), **stats}

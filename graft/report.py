@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import time
 from pathlib import Path
 
 from .config import Config, save_config
+from .stats import mean_std
 
 logger = logging.getLogger(__name__)
 
@@ -224,17 +224,13 @@ def summarize(records: list[dict], test: dict | None = None) -> dict:
         nets[k] = {"final_acc": rs[-1][key], "best_acc": max(r[key] for r in rs),
                    "best_epoch": max(rs, key=lambda r: r[key])["epoch"], "epochs": len(rs)}
         ens = ens or [r["ensemble_acc"] for r in rs]
-    finals = [n["final_acc"] for n in nets.values()]
-    bests = [n["best_acc"] for n in nets.values()]
-
-    def spread(xs):
-        return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
+    final_mean, final_std = mean_std([n["final_acc"] for n in nets.values()])
+    best_mean, best_std = mean_std([n["best_acc"] for n in nets.values()])
     summary = {
         "split": split,
         "networks": {str(k): v for k, v in nets.items()},
-        "final_acc_mean": statistics.mean(finals), "final_acc_std": spread(finals),
-        "best_acc_mean": statistics.mean(bests), "best_acc_std": spread(bests),
+        "final_acc_mean": final_mean, "final_acc_std": final_std,
+        "best_acc_mean": best_mean, "best_acc_std": best_std,
         "ensemble_final_acc": ens[-1], "ensemble_best_acc": max(ens),
     }
     lines = [f"summary ({'validation' if split == 'val' else 'test'} accuracy, %)",

@@ -37,12 +37,20 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 @dataclass
 class Paired:
-    """The mean of paired differences (a - b, same seeds) with its 95% t interval."""
+    """The mean of paired differences (a - b, same seeds) with its 95% t interval; ``diffs`` are
+    the differences themselves, seed by seed."""
 
     n: int
     mean: float
     low: float
     high: float
+    diffs: tuple[float, ...] = ()
+
+    @property
+    def same_every_time(self) -> bool:
+        """Every pair differed by the same amount (to float rounding): the interval has no width
+        and says 'on each seed', not a precise estimate."""
+        return self.n > 1 and max(self.diffs) - min(self.diffs) < 1e-9 * max(1.0, abs(self.mean))
 
     @property
     def excludes_zero(self) -> bool:
@@ -59,6 +67,6 @@ def paired_difference(a: list[float], b: list[float]) -> Paired:
         return Paired(0, math.nan, math.nan, math.nan)
     mean, sd = mean_std(diffs)
     if len(diffs) == 1:
-        return Paired(1, mean, -math.inf, math.inf)
+        return Paired(1, mean, -math.inf, math.inf, tuple(diffs))
     half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return Paired(len(diffs), mean, mean - half, mean + half)
+    return Paired(len(diffs), mean, mean - half, mean + half, tuple(diffs))

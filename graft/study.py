@@ -48,6 +48,7 @@ class Arm:
     config: str = ""              # this arm's own base config ("" = the plan's)
     overrides: list[str] = field(default_factory=list)
     nproc: int = 0                # set from the resolved config, not in plans
+    setup: dict = field(default_factory=dict)  # the same: what its runs must train with (cfg.setup and epochs)
 
 
 @dataclass
@@ -76,6 +77,17 @@ class Run:
 
 
 ARCHIVED = ("config.yaml", "metrics.jsonl", "summary.json", "study.json")
+# Set by graft-study for each run: an override of one would make every seed the same run, or
+# send a run where the study does not look for it.
+RESERVED = {"seed": "the plan's seeds: list gives them", "output_dir": "each run goes to <root>/<name>/<arm>/seed<k>",
+            "resume": "interrupted runs always resume (resume=auto)"}
+
+
+def _check_reserved(overrides, where: str) -> None:
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in RESERVED:
+            raise ConfigError(f"{where}: {item}: graft-study sets {key} for each run ({RESERVED[key]})")
 
 
 def load_plan(path: str | Path, extra=()) -> Plan:
@@ -91,6 +103,8 @@ def load_plan(path: str | Path, extra=()) -> Plan:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     plan = _build(Plan, values, str(path))
+    _check_reserved(plan.overrides, f"{path}: overrides")
+    _check_reserved(extra, "command line")
     if not plan.name or "/" in plan.name:
         raise ConfigError(f"{path}: name: a study name without '/' is required")
     if not plan.arms:
@@ -103,6 +117,7 @@ def load_plan(path: str | Path, extra=()) -> Plan:
             raise ConfigError(f"{path}: arms: each arm needs a distinct name without '/'; got {arm.name!r}")
         if arm.networks < 1:
             raise ConfigError(f"{path}: arms: {arm.name}: networks must be >= 1; got {arm.networks}")
+        _check_reserved(arm.overrides, f"{path}: arm {arm.name}: overrides")
         arm.config = arm.config or plan.config
         if not arm.config:
             raise ConfigError(f"{path}: config: a base config is required (for the plan or for arm {arm.name})")
@@ -111,10 +126,19 @@ def load_plan(path: str | Path, extra=()) -> Plan:
         except ConfigError as e:
             raise ConfigError(f"{path}: arm {arm.name}: {e}") from None
         arm.nproc = arm.networks * cfg.data_parallel
+        arm.setup = run_setup(cfg, arm.networks)
     if plan.reference and plan.reference not in names:
         raise ConfigError(f"{path}: reference: no arm named {plan.reference!r} (arms: {', '.join(names)})")
     plan.reference = plan.reference or names[0]
     return plan
+
+
+def run_setup(cfg, networks: int) -> dict:
+    """What makes the runs of an arm one experiment: every setting that shapes training (as a
+    checkpoint records it) and the number of epochs; not the seed, which each run sets."""
+    setup = {**cfg.setup(networks), "epochs": cfg.epochs}
+    setup.pop("seed")
+    return setup
 
 
 def runs_of(plan: Plan) -> list[Run]:
@@ -132,9 +156,18 @@ def command(plan: Plan, run: Run, python: str = sys.executable, extra=()) -> lis
             f"seed={run.seed}", f"output_dir={run.dir}", "resume=auto", "progress=false", *extra]
 
 
+def read_json(path: Path):
+    """A study's JSON file; a damaged one (a merge conflict in committed results, say) is named."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read ({e}); restore it, or remove its run's folder to run it again") \
+            from None
+
+
 def read_state(run_dir: Path) -> dict:
     path = run_dir / "study.json"
-    return json.loads(path.read_text()) if path.exists() else {"attempts": [], "wall_seconds": 0.0}
+    return read_json(path) if path.exists() else {"attempts": [], "wall_seconds": 0.0}
 
 
 def write_json(path: Path, obj) -> None:
@@ -179,8 +212,11 @@ def final_distance(run_dir: Path, networks: int) -> dict | None:
     finals = [files[-1] for files in (checkpoint.epoch_files(run_dir, k) for k in range(networks)) if files]
     if networks < 2 or len(finals) < networks or len({epoch for epoch, _ in finals}) > 1:
         return None
-    models = [checkpoint.load(path)["model"] for _, path in finals]
-    layers = make_plan(models[0]).layers
+    states = [checkpoint.load(path) for _, path in finals]
+    models = [state["model"] for state in states]
+    # The layers as training grouped them (module_plan), found from the state dict alone: the same
+    # for every model whose normalization layers keep running statistics.
+    layers = make_plan(models[0], (states[0].get("setup") or {}).get("grafting.compat", "default")).layers
     per_network = [peer_distances(models[k], models[k - 1], layers).mean().item() for k in range(networks)]
     return {"final_distance": sum(per_network) / networks, "per_network": per_network,
             "epoch": finals[0][0], "layers": len(layers)}
@@ -189,9 +225,15 @@ def final_distance(run_dir: Path, networks: int) -> dict | None:
 def write_distance(run: Run) -> None:
     """weights.json in the archive of a finished run, from its checkpoints where they still are
     (also for runs archived before weights.json existed); nothing when they are gone."""
+    from .checkpoint import CheckpointError
+
     if (run.archive / "weights.json").exists() or not finished(run):
         return
-    record = final_distance(run.dir, run.arm.networks)
+    try:
+        record = final_distance(run.dir, run.arm.networks)
+    except CheckpointError as e:  # the run itself is fine; the report shows no distance for it
+        print(f"graft-study: warning: {run.label}: no weights.json: {e}", file=sys.stderr)
+        return
     if record is not None:
         write_json(run.archive / "weights.json", record)
 
@@ -204,17 +246,23 @@ def archive(run: Run) -> None:
         os.replace(run.archive / f".{name}.tmp", run.archive / name)
 
 
-def code_version() -> dict:
-    """The git commit of the code that runs, and whether its tracked files had changes."""
+def code_version(results: str | Path | None = None, repo: Path | None = None) -> dict:
+    """The git commit of the code that runs (``repo``: graft's own checkout), and whether its
+    tracked files had changes. Files under ``results`` do not count: the study rewrites its own
+    report there after every run."""
     def git(*args) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
+                              cwd=repo or Path(__file__).resolve().parent).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+        changed = git("diff", "--name-only", "HEAD").splitlines()  # tracked files, staged or not
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": None}
-    return {"commit": commit, "dirty": dirty}
+    if results is not None:
+        out = Path(results).resolve()
+        changed = [p for p in changed if not (top / p).is_relative_to(out)]
+    return {"commit": commit, "dirty": bool(changed)}
 
 
 def run_one(plan: Plan, run: Run, extra=()) -> int:
@@ -222,7 +270,7 @@ def run_one(plan: Plan, run: Run, extra=()) -> int:
     from .engine import machine_name  # torch: imported when a run starts, not for --dry-run or a plan error
 
     state = read_state(run.dir)
-    state["attempts"].append({**code_version(), "machine": machine_name(),
+    state["attempts"].append({**code_version(plan.results), "machine": machine_name(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_state(run, state)
     start = time.monotonic()
@@ -257,29 +305,8 @@ def fmt_duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="graft-study", description=__doc__.splitlines()[0])
-    parser.add_argument("plan", help="the study plan (YAML)")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs left, run nothing")
-    parser.add_argument("--report", action="store_true",
-                        help="only rewrite the report from the finished runs (and add weights.json to those "
-                        "archived without it whose checkpoints are still under the root)")
-    parser.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all)")
-    parser.add_argument("--root", help="where the runs go (default: the plan's root, runs/studies)")
-    parser.add_argument("--results", help="where the report goes (default: the plan's results, results/)")
-    parser.add_argument("--only", help="comma-separated arm names or patterns (e.g. 'resnet32_*'): run only these")
-    parser.add_argument("overrides", nargs="*", help="key=value added to every run, e.g. data.root=... "
-                        "(give the same ones when continuing: a run resumes only with the settings it started with)")
-    args = parser.parse_intermixed_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, into a file too
-    signal.signal(signal.SIGTERM, _terminate)  # stop the run in hand as Ctrl-C does
-
-    try:
-        plan = load_plan(args.plan, args.overrides)
-        plan.root, plan.results = args.root or plan.root, args.results or plan.results
-    except ConfigError as e:
-        print(f"graft-study: error: {e}", file=sys.stderr)
-        return 2
+def study(plan: Plan, args) -> int:
+    """What graft-study does with a plan it has read: dry run, report, or the runs left."""
     from .study_report import write_report
 
     runs = all_runs = runs_of(plan)
@@ -315,14 +342,41 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print(f"interrupted: {run.label} stopped; the same command resumes it after its last finished epoch")
             return 130
-        if code != 0:
-            print(f"graft-study: error: {run.label} failed (exit {code}); see {run.dir / 'log.txt'}. "
+        if code != 0 or not finished(run):
+            why = f"exit {code}" if code != 0 else f"exit 0, but no {run.dir / 'summary.json'}"
+            print(f"graft-study: error: {run.label} failed ({why}); see {run.dir / 'log.txt'}. "
                   "Fix the cause and run the same command to resume.", file=sys.stderr)
             return 1
         done_now += 1
         print(f"report: {write_report(plan, all_runs, args.plan)}")
     print(f"study {plan.name}: all {len(runs)} runs finished; report: {write_report(plan, all_runs, args.plan)}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="graft-study", description=__doc__.splitlines()[0])
+    parser.add_argument("plan", help="the study plan (YAML)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs left, run nothing")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite the report from the finished runs (and add weights.json to those "
+                        "archived without it whose checkpoints are still under the root)")
+    parser.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all)")
+    parser.add_argument("--root", help="where the runs go (default: the plan's root, runs/studies)")
+    parser.add_argument("--results", help="where the report goes (default: the plan's results, results/)")
+    parser.add_argument("--only", help="comma-separated arm names or patterns (e.g. 'resnet32_*'): run only these")
+    parser.add_argument("overrides", nargs="*", help="key=value added to every run, e.g. data.root=... "
+                        "(give the same ones when continuing: a run resumes only with the settings it started with)")
+    args = parser.parse_intermixed_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, into a file too
+    signal.signal(signal.SIGTERM, _terminate)  # stop the run in hand as Ctrl-C does
+
+    try:
+        plan = load_plan(args.plan, args.overrides)
+        plan.root, plan.results = args.root or plan.root, args.results or plan.results
+        return study(plan, args)
+    except ConfigError as e:  # a bad plan, override or archived file
+        print(f"graft-study: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _terminate(signum, frame):

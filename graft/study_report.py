@@ -8,14 +8,14 @@ final weights and the best-validation weights (runs that select on ``data.eval_s
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
+from .config import ConfigError, load_config
 from .report import MetricsLog, eval_split
 from .stats import mean_std, paired_difference
-from .study import Plan, Run, finished, fmt_duration, read_state
+from .study import Plan, Run, finished, fmt_duration, read_json, read_state, run_setup
 
 METRICS = (("final", "final"), ("best_val", "best-val"), ("ensemble", "ensemble final"),
            ("ensemble_best_val", "ensemble best-val"))
@@ -26,8 +26,11 @@ def run_result(run: Run) -> dict | None:
     if not finished(run):
         return None
     state = read_state(run.archive)
-    summary = json.loads((run.archive / "summary.json").read_text())
+    summary = read_json(run.archive / "summary.json")
     records = MetricsLog(run.archive / "metrics.jsonl").latest()
+    if not records:
+        raise ConfigError(f"{run.archive / 'metrics.jsonl'}: no epoch records in a finished run's archive; restore "
+                          "it, or remove the folder to run it again")
     last_epoch = max(r["epoch"] for r in records)
     last = [r for r in records if r["epoch"] == last_epoch]
     split = eval_split(records[0])
@@ -47,13 +50,12 @@ def run_result(run: Run) -> dict | None:
     strays = [abs(layer["alpha"] - 0.5) for r in records for layer in r.get("graft") or ()]
     epoch_seconds = sum(r["epoch_seconds"] for r in records)
     weights = run.archive / "weights.json"
-    distance = json.loads(weights.read_text())["final_distance"] if weights.exists() else None
+    distance = read_json(weights)["final_distance"] if weights.exists() else None
     curve = {}
     for r in records:
         curve.setdefault(r["epoch"], []).append(r[f"{split}_acc"])
     return {
         **accs,
-        "networks": len(last),
         "epochs": last_epoch + 1,
         "filters": last[0].get("filters"),
         "invalid": {t: statistics.mean(r["invalid_filters"][t] for r in last)
@@ -64,10 +66,25 @@ def run_result(run: Run) -> dict | None:
         "overhead": sum(r.get("graft_seconds", 0.0) for r in records) / epoch_seconds if epoch_seconds else 0.0,
         "wall_seconds": state["wall_seconds"],
         "versions": [(a["commit"], a["dirty"]) for a in state["attempts"]],
+        "differs": setup_differences(run),
         "machines": [a.get("machine") for a in state["attempts"]],  # None: a runner that did not record it
         "curve_split": split,
         "curve": [statistics.mean(curve[e]) for e in sorted(curve)],
     }
+
+
+def setup_differences(run: Run) -> list[str]:
+    """How the archived run's config differs from its arm's in the plan as read now (a plan
+    edited after the run, or other key=value arguments given to graft-study): 'key: X in the run,
+    Y in the plan', empty when it is the same experiment."""
+    try:
+        ran = run_setup(load_config(run.archive / "config.yaml"), run.arm.networks)
+    except ConfigError as e:
+        return [f"its config.yaml cannot be read by this version ({e})"]
+    keys = sorted(set(ran) | set(run.arm.setup))
+    want = run.arm.setup
+    return [f"{k}: {ran.get(k)!r} in the run, {want.get(k)!r} in the plan" for k in keys
+            if ran.get(k) != want.get(k) and not (k == "num_classes" and want.get(k) == 0)]  # 0: from the data
 
 
 def _pm(values: list[float], digits: int = 2) -> str:
@@ -80,6 +97,26 @@ def _pm(values: list[float], digits: int = 2) -> str:
 def _short(version: tuple) -> str:
     commit, dirty = version
     return commit[:10] + (" (changes)" if dirty else "")
+
+
+def _versions(commits: dict[str, set], mixed: list[str]) -> list[str]:
+    """What the report can say of the code its runs ran."""
+    every = set().union(*commits.values())
+    if not every:
+        return []
+    lines = []
+    unknown = [a for a, c in commits.items() if "unknown" in c]
+    if unknown:
+        lines += [f"**Code version unknown** for runs of arm(s) {', '.join(unknown)} (git was not available).", ""]
+    if mixed:
+        lines += [f"**Mixed code versions** in arm(s) {', '.join(mixed)}: their runs ran different commits or a "
+                  "tree with changes (see the code column).", ""]
+    elif len(every) > 1:
+        lines += ["**Arms ran different commits** (see the code column): their paired differences compare code "
+                  "versions too.", ""]
+    elif not unknown:
+        lines += [f"Every run ran one commit, {next(iter(every))[:10]}, from a clean tree.", ""]
+    return lines
 
 
 def _machine_keys(results) -> dict[str, str]:
@@ -151,10 +188,7 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
         inv = ", ".join(f"<{t}: {statistics.mean(r['invalid'][t] for r in rs):.1f}" for t in rs[0]["invalid"])
         inv += f" of {rs[0]['filters']}" if rs[0]["filters"] else ""
         alphas = [r["mean_alpha"] for r in rs if r["mean_alpha"] is not None]
-        alpha = "- (no graft)"
-        if alphas:
-            m, s = mean_std(alphas)
-            alpha = f"{m:.3f} ± {s:.3f}"
+        alpha = _pm(alphas, digits=3) if alphas else "- (no graft)"
         strays = [r["alpha_stray"] for r in rs if r["alpha_stray"] is not None]
         stray = f"{statistics.mean(strays):.3f}" if strays else "-"
         distance = _pm([r["distance"] for r in rs if r["distance"] is not None], digits=3)
@@ -166,6 +200,7 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
               "|---|---|---|---|---|---|---|---|"]
     mixed, spread = [], []  # arms whose runs ran different code / different machines
     keys = _machine_keys(results.values())
+    commits = {}  # arm -> the commits its runs ran
     for a in arms:
         versions, machines = set(), set()
         for r in runs:
@@ -182,20 +217,24 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
             best = "-" if res["best_val"] is None else f"{res['best_val']:.2f}"
             lines.append(f"| {r.label} | {res['epochs']} | {res['final']:.2f} | {best} | {res['ensemble']:.2f} | "
                          f"{fmt_duration(res['wall_seconds'])} | {code} | {machine} |")
-        if len({v[0] for v in versions}) > 1 or any(v[1] for v in versions):
+        commits[a] = {v[0] for v in versions}
+        if len(commits[a]) > 1 or any(v[1] for v in versions):
             mixed.append(a)
         if len(machines) > 1:
             spread.append(a)
     lines.append("")
-    if mixed:
-        lines += [f"**Mixed code versions** in arm(s) {', '.join(mixed)}: their runs ran different commits or a "
-                  "tree with changes (see the code column).", ""]
-    else:
-        lines += ["Every arm's runs ran one commit, from a clean tree.", ""]
+    lines += _versions(commits, mixed)
+    differ = [f"{label}: {'; '.join(res['differs'])}" for label, res in results.items() if res and res["differs"]]
+    if differ:
+        lines += ["**Runs that differ from their arm in the plan** (the plan was edited after they ran, or "
+                  "graft-study was given other key=value arguments): they are pooled with the others all the same.",
+                  "", *[f"- {d}" for d in differ], ""]
     if keys:
         lines += ["Machines: " + "; ".join(f"{k}: {m}" for m, k in keys.items())
                   + (". -: not recorded (a runner older than the record)." if _unrecorded(results.values()) else "."),
                   ""]
+    elif _unrecorded(results.values()):
+        lines += ["Machines: not recorded (a runner older than the record).", ""]
     if spread:
         lines += [f"**Runs on different machines** in arm(s) {', '.join(spread)}: wall times compare only within a "
                   "machine.", ""]
@@ -229,13 +268,15 @@ def _sentence(arm: str, ref: str, metric: str, d) -> str:
     head = f"{arm} vs {ref}, {metric}: {d.mean:+.2f} points"
     if d.n < 2:
         return f"{head} from one seed; no interval yet."
-    if d.high - d.low < 0.01:  # sd 0 at the report's resolution: the t interval collapses to a point
+    if d.same_every_time:  # sd 0: the t interval collapses to a point
         same = "the same" if abs(d.mean) < 0.005 else ("above" if d.mean > 0 else "below")
         return (f"{head} on each of {d.n} seeds: the difference was the same on every seed, so the interval has "
                 f"no width. Read it as '{same} on each of {d.n} seeds', not as a precise estimate.")
     if d.excludes_zero:
         side = "above" if d.mean > 0 else "below"
-        return f"{head}; the 95% interval excludes 0: {arm} is {side} {ref} on these {d.n} seeds."
+        agree = sum(1 for x in d.diffs if (x > 0) == (d.mean > 0) and x != 0)
+        return (f"{head}; the 95% interval excludes 0: over these {d.n} seeds {arm} is {side} {ref} on average "
+                f"({side} on {agree} of {d.n} seeds).")
     return f"{head}; the 95% interval includes 0: no difference resolved with {d.n} seeds."
 
 

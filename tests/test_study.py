@@ -35,6 +35,8 @@ def test_paired_difference_interval():
     assert (d.low, d.high) == (pytest.approx(2 - half), pytest.approx(2 + half))
     assert not d.excludes_zero  # -0.48 .. 4.48
     assert paired_difference([5.0, 5.1, 5.2, 5.0], [4.0, 4.0, 4.1, 4.0]).excludes_zero
+    assert d.diffs == (1.0, 2.0, 3.0) and not d.same_every_time
+    assert paired_difference([84.5, 83.7], [83.54, 82.74]).same_every_time  # 0.96 twice, to float rounding
     one = paired_difference([1.0], [0.0])
     assert (one.low, one.high) == (-math.inf, math.inf) and not one.excludes_zero
     with pytest.raises(ValueError):
@@ -57,6 +59,16 @@ def test_difference_table_pairs_seeds_and_flags_a_zero_width_interval():
     tie = difference_table([("graft", "average")], {a: {0: {"final": 83.0}, 1: {"final": 84.0}} for a in per_arm},
                            [("final", "final")])
     assert "Read it as 'the same on each of 2 seeds'" in "\n".join(tie)
+    # A narrow interval is not 'the same on every seed' (ImageNet-sized test sets step by 0.002),
+    # and an interval above 0 does not mean above on every seed.
+    near = {"graft": {s: {"final": 80.0 + d} for s, d in enumerate((0.500, 0.500, 0.502))},
+            "average": {s: {"final": 80.0} for s in range(3)}}
+    assert "same on every seed" not in "\n".join(difference_table([("graft", "average")], near, [("final", "final")]))
+    mostly = {"graft": {s: {"final": 80.0 + d} for s, d in enumerate((0.5, 0.6, 0.4, 0.5, -0.05))},
+              "average": {s: {"final": 80.0} for s in range(5)}}
+    text = "\n".join(difference_table([("graft", "average")], mostly, [("final", "final")]))
+    assert ("the 95% interval excludes 0: over these 5 seeds graft is above average on average (above on 4 of 5 "
+            "seeds).") in text
 
 
 def test_time_left_goes_by_the_arm(tmp_path, monkeypatch):
@@ -215,5 +227,78 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
     assert f"Machines: A: {machine_name()}; B: Other CPU, 8 cores, no GPU. -: not recorded" in report
     assert " | B |" in report and " | - |" in report
     assert "**Runs on different machines** in arm(s) graft: wall times compare only within a machine." in report
+    assert "differ from their arm" not in report
+    # Runs that were not what the plan now says (here: graft-study given epochs=4) are listed.
+    subprocess.run([sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
+                    "--results", str(results), "--report", "epochs=4"], cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
+    report = (results / "tiny.md").read_text()
+    assert "- graft/seed1: epochs: 3 in the run, 4 in the plan" in report
     pytest.importorskip("matplotlib")
     assert (results / "tiny.png").stat().st_size > 10_000
+
+
+def test_overrides_of_what_the_study_sets_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"command line: seed=1: graft-study sets seed for each run"):
+        load_plan(PLAN, ["seed=1"])  # every 'seed' would have been the same run
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("name: x\nconfig: configs/quickstart.yaml\narms:\n  - name: a\n    overrides: [output_dir=y]\n")
+    with pytest.raises(ConfigError, match=r"arm a: overrides: output_dir=y: graft-study sets output_dir"):
+        load_plan(plan)
+
+
+def test_a_run_that_exits_0_without_a_summary_fails_the_study(tmp_path, monkeypatch, capsys):
+    from graft import study
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(study, "run_one", lambda plan, run, extra=(): 0)  # as if it wrote elsewhere
+    assert study.main([str(PLAN), "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]) == 1
+    assert "independent/seed0 failed (exit 0, but no " in capsys.readouterr().err
+
+
+def test_a_damaged_archive_is_named(tmp_path, monkeypatch, capsys):
+    from graft import study
+
+    monkeypatch.chdir(ROOT)
+    archive = tmp_path / "results" / "tiny" / "graft" / "seed0"
+    archive.mkdir(parents=True)
+    (archive / "study.json").write_text('<<<<<<< HEAD\n{"finished": true}\n')  # a merge conflict
+    assert study.main([str(PLAN), "--results", str(tmp_path / "results"), "--report"]) == 2
+    assert f"graft-study: error: {archive / 'study.json'}: cannot read" in capsys.readouterr().err
+    write_json(archive / "study.json", {"finished": True, "wall_seconds": 1.0, "attempts": []})
+    (archive / "summary.json").write_text("{}")
+    (archive / "metrics.jsonl").write_text("")
+    assert study.main([str(PLAN), "--results", str(tmp_path / "results"), "--report"]) == 2
+    assert f"{archive / 'metrics.jsonl'}: no epoch records" in capsys.readouterr().err
+
+
+def test_changes_to_the_results_do_not_make_the_code_dirty(tmp_path):
+    from graft.study import code_version
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "s.md").write_text("report\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    (tmp_path / "results" / "s.md").write_text("report, rewritten after a run\n")
+    assert code_version(tmp_path / "results", repo=tmp_path)["dirty"] is False
+    assert code_version(None, repo=tmp_path)["dirty"] is True
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert code_version(tmp_path / "results", repo=tmp_path)["dirty"] is True
+
+
+def test_what_the_report_says_of_code_versions():
+    from graft.study_report import _versions
+
+    assert _versions({"a": set(), "b": set()}, []) == []  # nothing finished: nothing claimed
+    assert _versions({"a": {"c0ffee" * 7}, "b": {"c0ffee" * 7}}, [])[0] == ("Every run ran one commit, c0ffeec0ff, "
+                                                                           "from a clean tree.")
+    assert _versions({"a": {"1" * 40}, "b": {"2" * 40}}, [])[0].startswith("**Arms ran different commits**")
+    said = "\n".join(_versions({"a": {"unknown"}, "b": {"unknown"}}, []))
+    assert "**Code version unknown** for runs of arm(s) a, b" in said and "clean tree" not in said

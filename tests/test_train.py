@@ -135,6 +135,12 @@ def test_folder_data_through_dataloader_workers(tmp_path):
     assert result["test_acc"] == rec["test_acc"] and result["images"] == 200  # data.test_subset=200
     with pytest.raises(ConfigError, match=r"--split val: .*config.yaml has data.val_fraction 0: this run held out no"):
         evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "val")
+    with pytest.raises(ConfigError, match=r"epoch0000.pt: its weights do not fit model resnet20 with num_classes 10 "
+                                          r"\(from .*config.yaml and the overrides\): Error\(s\) in loading"):
+        evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "test", ["model=resnet20"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"--device cuda: no CUDA GPU here"):
+            evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "test", device="cuda")
 
 
 def test_hybrid_mode_trains_two_networks_of_two_replicas(tmp_path):
