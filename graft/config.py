@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class OptimConfig:
 @dataclass
 class GraftingConfig:
     enabled: bool = True          # false: the networks train independently (the baseline)
-    level: str = "layer"          # one alpha per layer (weight entropy) or per filter (BN scale entropy)
+    level: str = "layer"          # one alpha per layer (weight entropy) or per filter (ratio of the BN scales, no entropy)
     A: float = 0.4                # alpha = (A / pi) * arctan(c * (H_self - H_peer)) + 0.5
     c: float = 500.0              # see A
     bins: int = 10                # histogram bins of the entropy
@@ -82,7 +83,7 @@ class Config:
     epochs: int = 200
     batch_size: int = 128         # per network (per replica in hybrid mode)
     eval_batch_size: int = 500
-    seed: int = 0                 # network k uses seed + k for its weights and seed + 1000 k for its data order
+    seed: int = 0                 # network k's initial weights from a hash of (seed, k), its data order from seed + 1000 k
     output_dir: str = "runs/default"  # the run directory (docs/outputs.md)
     resume: str = "auto"          # auto: from the newest epoch every network completed; never: afresh (in output_dir-1, -2, ... when output_dir holds checkpoints)
     data_parallel: int = 1        # replicas per network (DDP); world size = networks x data_parallel
@@ -223,6 +224,9 @@ def validate(cfg: Config, source: str = "config", overridden: typing.Collection[
         value = _get(cfg, key)
         if value not in choices:
             fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
+    for key, value in _flatten(cfg.to_dict()).items():
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            fail(key, f"must be a finite number; got {value!r}")
     for key, (low, high) in RANGES.items():
         value = _get(cfg, key)
         if (low is not None and value < low) or (high is not None and value > high):
@@ -235,6 +239,8 @@ def validate(cfg: Config, source: str = "config", overridden: typing.Collection[
         fail("model", problem)
     if cfg.grafting.compat == "reference" and cfg.grafting.level != "layer":
         fail("grafting.compat", "'reference' supports grafting.level=layer only")
+    if cfg.optim.nesterov and cfg.optim.momentum <= 0:
+        fail("optim.nesterov", "needs optim.momentum > 0")
     if cfg.distill.mutual and cfg.data_parallel != 1:
         fail("distill.mutual", "needs data_parallel=1 (every network must see the same batches)")
     if cfg.data.eval_split == "val" and cfg.data.val_fraction <= 0:

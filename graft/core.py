@@ -159,8 +159,9 @@ def reference_entropy(tensor: Tensor, bins: int = 10) -> float:
 
     The top bin's upper bound is strict, so the maximum value (and anything rounding onto the
     top edge) is never counted; probabilities are divided by the full element count. The counts
-    come from one vectorized pass with the same float32 edges as the official loop; the terms
-    are then subtracted one by one in float32, as the official loop does, because c = 500 turns
+    come from one vectorized pass with the same float32 edges as the official loop, p*log(p) is
+    taken on the tensor's device as there (a GPU's log can differ from the CPU's in the last bit),
+    and the terms are subtracted one by one in float32, as the official loop does: c = 500 turns
     a last-bit difference in the entropy into a different rounded alpha now and then. The
     official code crashes on a constant tensor; here it has entropy 0.
     """
@@ -173,9 +174,9 @@ def reference_entropy(tensor: Tensor, bins: int = 10) -> float:
     edges = lo + torch.arange(bins + 1, device=x.device, dtype=x.dtype) * scale
     # bucketize(right=True) returns j with edges[j-1] <= x < edges[j]; bin j-1 is [e_{j-1}, e_j).
     slot = torch.bucketize(x, edges, right=True)
-    counts = torch.bincount(slot, minlength=bins + 2)[1:bins + 1].cpu()
+    counts = torch.bincount(slot, minlength=bins + 2)[1:bins + 1]
     p = counts[counts > 0].to(torch.float32) / len(x)
-    terms = (p * torch.log(p)).numpy()
+    terms = (p * torch.log(p)).cpu().numpy()  # log on x's device, as the official code takes it
     return float(functools.reduce(operator.sub, terms, np.float32(0)))
 
 

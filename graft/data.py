@@ -430,7 +430,7 @@ def _sha256(path: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from a few small integers (splitmix64-style), so that nearby (seed, epoch)
     pairs give unrelated streams."""
     x = 0x9E3779B97F4A7C15
@@ -502,7 +502,7 @@ class InMemoryLoader:
         """This replica's sample indices for the current epoch, in batch order (CPU)."""
         n = len(self.labels)
         if self.train:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=g)[: n // self.group_size * self.group_size]
         else:
             order = torch.arange(n)
@@ -513,7 +513,7 @@ class InMemoryLoader:
         g = None
         if self.train:
             g = torch.Generator(device=self.device)
-            g.manual_seed(_mix(self.seed, self.epoch, self.rank_in_group, 1))
+            g.manual_seed(mix_seed(self.seed, self.epoch, self.rank_in_group, 1))
         for b in range(len(self)):
             idx = index[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.images[idx]

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from . import checkpoint, core, distill, log, ring
 from .config import NOTHING_TO_RUN, Config, ConfigError, dump_config, load_config
-from .data import DataError, Loaders, build_loaders, load_arrays
+from .data import DataError, Loaders, build_loaders, load_arrays, mix_seed
 from .engine import accuracy, cpu_has_bf16, evaluate, make_autocast, train_one_epoch
 from .errors import REPORTED_BY_LAUNCHER, UserError
 from .grafter import Grafter
@@ -75,6 +75,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def network_seed(seed: int, network: int) -> int:
+    """The seed of network ``network``'s initial weights: a hash of the pair. (seed + network
+    gave network 1 of seed s the weights of network 0 of seed s + 1, so runs with nearby seeds
+    shared a network's start.) Only a fresh start uses it: a resumed run loads its weights."""
+    return mix_seed(seed, network, 2) % 2**32
 
 
 def make_loaders(cfg: Config, topo: ring.Topology) -> Loaders:
@@ -147,8 +154,12 @@ def setup(cfg: Config, topo: ring.Topology, steps_per_epoch: int) -> Training:
     if not grafting:
         why = "one network" if networks == 1 else "grafting.enabled=false"
         logger.info(f"baseline: no grafting ({why}); {networks} network(s) train independently")
-    elif g.level == "filter":
-        alone = grafter.plan(model).convs_without_bn(model.state_dict())
+    else:
+        try:  # now, not at the end of the first epoch
+            plan = grafter.plan(model)
+        except ValueError as e:  # reference mode on a model without the official code's key names
+            raise ConfigError(f"grafting.compat: {g.compat} with model {cfg.model}: {e}") from None
+        alone = plan.convs_without_bn(model.state_dict()) if g.level == "filter" else []
         if alone:
             logger.info(f"filter level: {len(alone)} conv(s) with no BatchNorm after them blend with their "
                         f"layer alpha: {', '.join(alone)}")
@@ -210,7 +221,7 @@ class TrainState:
 def run(cfg: Config, topo: ring.Topology) -> dict | None:
     """Train this rank's network for ``cfg.epochs``; returns the run's summary on rank 0."""
     logger.info(topo.describe())
-    seed_everything(cfg.seed + topo.network)  # replicas of one network share the model seed
+    seed_everything(network_seed(cfg.seed, topo.network))  # replicas of one network share it
     loaders = make_loaders(cfg, topo)                                                   # collective: a node's ranks
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or loaders.num_classes)
     t = setup(cfg, topo, len(loaders.train))                                            # collective: replicas

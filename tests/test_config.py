@@ -53,10 +53,20 @@ def test_bad_files_name_the_key_and_file(tmp_path, text, message):
     ("epochs", r"expected key=value"),
     ("model.depth=3", r"'model' is not a section"),
     ("distill.teachers=[a.pt", r"^command line: distill.teachers: cannot parse value '\[a.pt': [^\n]+$"),
+    # nan passes every range check (nan < low is False); inf made NaN alphas whenever H_self == H_peer
+    ("grafting.c=inf", r"command line: grafting.c: must be a finite number; got inf"),
+    ("optim.lr=nan", r"command line: optim.lr: must be a finite number; got nan"),
+    ("timeout=.inf", r"command line: timeout: must be a finite number; got inf"),
+    ("invalid_thresholds=[0.1, .nan]", r"command line: invalid_thresholds: must be a finite number"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ConfigError, match=r"command line: optim.nesterov: needs optim.momentum > 0"):
+        load_config(None, ["optim.nesterov=true", "optim.momentum=0"])
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# nothing but a comment\n"])

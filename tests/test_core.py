@@ -47,10 +47,10 @@ def plain_entropy(x: torch.Tensor, bins: int) -> float:
 
 
 def official_entropy(x: torch.Tensor, n: int = 10) -> float:
-    """grafting_cifar/grafting.py's entropy, restated: a loop of masked passes."""
+    """grafting_cifar/grafting.py's entropy, restated: a loop of masked passes, on x's device."""
     x = x.reshape(-1)
     scale = (x.max() - x.min()) / n
-    entropy = torch.zeros(())
+    entropy = torch.zeros((), device=x.device)
     for i in range(n):
         p = torch.sum((x >= x.min() + i * scale) * (x < x.min() + (i + 1) * scale), dtype=torch.float) / len(x)
         if p != 0:

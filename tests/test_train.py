@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from graft.config import ConfigError
+from graft.config import ConfigError, load_config
 from helpers import ROOT, torchrun
 
 FIXTURE = ROOT / "tests" / "fixtures" / "cifar10_sample.tar.gz"
@@ -202,7 +202,6 @@ def test_a_stop_says_how_to_resume():
 def test_train_state_round_trips():
     """TrainState.load_state_dict(state_dict()) restores the weights, optimizer, schedule, RNGs
     and position: the next step after a restore is the step the saved run would have taken."""
-    from graft.config import load_config
     from graft.models import build_model
     from graft.train import TrainState, build_scheduler
 
@@ -262,3 +261,24 @@ def test_cpu_name_is_the_model_name_line(tmp_path):
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t: avx2\n")
     assert cpu_name(str(tmp_path / "cpuinfo")) == "AMD EPYC 7B13 64-Core Processor"
     assert cpu_name(str(tmp_path / "missing")) == (platform.processor() or platform.machine())
+
+
+def test_reference_mode_on_a_model_it_cannot_graft_is_refused_at_the_start():
+    """The official code's key-name rule fails on VGG (no 'conv' keys): say so before training,
+    not with a traceback at the end of the first epoch."""
+    from graft import ring
+    from graft.train import setup
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["model=vgg11_bn", "grafting.compat=reference",
+                                                             "num_classes=10"])
+    with pytest.raises(ConfigError, match=r"grafting.compat: reference with model vgg11_bn: compat='reference' "
+                                          r"needs a key containing 'conv' before 'features.0.weight'"):
+        setup(cfg, ring.Topology(rank=0, world=2), 10)
+
+
+def test_nearby_seeds_share_no_network():
+    """seed + network gave network 1 of seed s the initial weights of network 0 of seed s + 1."""
+    from graft.train import network_seed
+
+    seeds = {network_seed(s, k) for s in range(50) for k in range(8)}
+    assert len(seeds) == 400 and all(0 <= x < 2**32 for x in seeds)
