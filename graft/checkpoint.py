@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import setup_differences
 from .errors import UserError
 
 FORMAT = "graft-checkpoint/1"
@@ -205,9 +206,7 @@ def check_setup(path: Path, saved: dict | None, current: dict) -> None:
     Only settings the checkpoint records are compared (one written before a setting existed
     can still be resumed), and a recorded ``num_classes`` of 0 ("from the data") matches any.
     """
-    saved = saved or {}
-    diffs = [f"{k}: {saved[k]!r} in the checkpoint, {v!r} now" for k, v in current.items()
-             if k in saved and saved[k] != v and not (k == "num_classes" and saved[k] == 0)]
+    diffs = [f"{k}: {was!r} in the checkpoint, {now!r} now" for k, was, now in setup_differences(saved or {}, current)]
     if diffs:
         raise CheckpointError(f"{path}: cannot resume, the run was set up differently ({'; '.join(diffs)}); "
                               f"{ELSEWHERE}, or restore those settings to continue it")

@@ -119,6 +119,15 @@ RUNTIME = {"epochs", "eval_batch_size", "output_dir", "resume", "backend", "devi
            "data.workers", "data.cache_dir", "grafting.exchange", "distill.teachers"}
 
 
+def setup_differences(recorded: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, recorded value, current value) for every setting of ``current`` that differs from
+    ``recorded`` (a checkpoint's setup, a plan's arm). Only recorded settings are compared (one
+    written before a setting existed still matches), and a recorded ``num_classes`` of 0 ("from
+    the data") matches any."""
+    return [(k, recorded[k], v) for k, v in current.items()
+            if k in recorded and recorded[k] != v and not (k == "num_classes" and recorded[k] == 0)]
+
+
 def _flatten(values: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in values.items():

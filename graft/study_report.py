@@ -12,7 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, setup_differences
 from .report import MetricsLog, eval_split
 from .stats import mean_std, paired_difference
 from .study import Plan, Run, finished, fmt_duration, read_json, read_state, run_setup
@@ -66,14 +66,14 @@ def run_result(run: Run) -> dict | None:
         "overhead": sum(r.get("graft_seconds", 0.0) for r in records) / epoch_seconds if epoch_seconds else 0.0,
         "wall_seconds": state["wall_seconds"],
         "versions": [(a["commit"], a["dirty"]) for a in state["attempts"]],
-        "differs": setup_differences(run),
+        "differs": differs_from_plan(run),
         "machines": [a.get("machine") for a in state["attempts"]],  # None: a runner that did not record it
         "curve_split": split,
         "curve": [statistics.mean(curve[e]) for e in sorted(curve)],
     }
 
 
-def setup_differences(run: Run) -> list[str]:
+def differs_from_plan(run: Run) -> list[str]:
     """How the archived run's config differs from its arm's in the plan as read now (a plan
     edited after the run, or other key=value arguments given to graft-study): 'key: X in the run,
     Y in the plan', empty when it is the same experiment."""
@@ -81,10 +81,7 @@ def setup_differences(run: Run) -> list[str]:
         ran = run_setup(load_config(run.archive / "config.yaml"), run.arm.networks)
     except ConfigError as e:
         return [f"its config.yaml cannot be read by this version ({e})"]
-    keys = sorted(set(ran) | set(run.arm.setup))
-    want = run.arm.setup
-    return [f"{k}: {ran.get(k)!r} in the run, {want.get(k)!r} in the plan" for k in keys
-            if ran.get(k) != want.get(k) and not (k == "num_classes" and want.get(k) == 0)]  # 0: from the data
+    return [f"{k}: {now!r} in the run, {want!r} in the plan" for k, want, now in setup_differences(run.arm.setup, ran)]
 
 
 def _pm(values: list[float], digits: int = 2) -> str:
@@ -123,14 +120,10 @@ def _machine_keys(results) -> dict[str, str]:
     """A short key (A, B, ...) for each machine the finished runs recorded, in order of first use."""
     keys: dict[str, str] = {}
     for res in results:
-        for m in (res or {}).get("machines", ()):
+        for m in res["machines"] if res else ():
             if m and m not in keys:
                 keys[m] = chr(ord("A") + len(keys)) if len(keys) < 26 else f"M{len(keys) + 1}"
     return keys
-
-
-def _unrecorded(results) -> bool:
-    return any(m is None for res in results if res for m in res["machines"])
 
 
 def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> Path:
@@ -229,11 +222,11 @@ def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> P
         lines += ["**Runs that differ from their arm in the plan** (the plan was edited after they ran, or "
                   "graft-study was given other key=value arguments): they are pooled with the others all the same.",
                   "", *[f"- {d}" for d in differ], ""]
+    unrecorded = any(m is None for res in results.values() if res for m in res["machines"])
     if keys:
         lines += ["Machines: " + "; ".join(f"{k}: {m}" for m, k in keys.items())
-                  + (". -: not recorded (a runner older than the record)." if _unrecorded(results.values()) else "."),
-                  ""]
-    elif _unrecorded(results.values()):
+                  + (". -: not recorded (a runner older than the record)." if unrecorded else "."), ""]
+    elif unrecorded:
         lines += ["Machines: not recorded (a runner older than the record).", ""]
     if spread:
         lines += [f"**Runs on different machines** in arm(s) {', '.join(spread)}: wall times compare only within a "
