@@ -56,7 +56,7 @@ def compare(args) -> str:
             print(rows[-1], flush=True)
     on = "gloo" if args.device == "cpu" else f"{args.device} (NCCL with a GPU per network, else gloo)"
     return ("## Graft step: ours against the official mechanism\n\n"
-            f"Ours: `graft.ring.graft_step` on {on} (check-in, entropy table, flat-buffer exchange, batched "
+            f"Ours: `graft.exchange.graft_step` on {on} (check-in, entropy table, flat-buffer exchange, batched "
             "entropies, blend). Official, re-created: `torch.save` of the state dict, the neighbour polling "
             "for the file, `torch.load`, the per-key Python loop with its 10-pass entropy. \"No poll wait\" "
             "polls every 1 ms, the best case for files. All processes start each repeat together (a "

@@ -1,37 +1,46 @@
-"""One checkpoint format, written atomically, keyed by network index (never by rank).
+"""The resume point and the one checkpoint format: written atomically, read as weights only,
+keyed by network index (never by rank).
 
 Layout under the run directory::
 
-    checkpoints/net{k}/epoch{e:04d}.pt   the resume point after epoch e (grafted weights,
-                                         optimizer, scheduler, scaler, RNG states, the epoch's
-                                         metrics record); the last ``keep`` epochs are kept so
-                                         that networks can agree on an epoch they all completed
+    checkpoints/net{k}/epoch{e:04d}.pt   the resume point after epoch e (e counted from 1, as
+                                         the log prints it; grafted weights, optimizer,
+                                         scheduler, scaler, grafter, RNG states, the epoch's
+                                         record); the last ``keep`` epochs are kept so that the
+                                         networks can agree on an epoch they all completed
     checkpoints/net{k}/best.pt           the best evaluated (pre-graft) weights of network k
     checkpoints/net{k}/best.prev.pt      the best before it (put back if a resume retrains
                                          the epoch best.pt came from)
+
+Every file is a dict of tensors and plain values (``FORMAT``), so ``torch.load`` reads it with
+``weights_only=True``: loading a checkpoint never runs code. Files of the format before it
+(``graft-checkpoint/1``, whose numpy RNG state was a pickled array) still load: exactly the numpy
+types that state needs are allowed for them.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
+import pickle
 import random
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from .config import setup_differences
-from .errors import UserError
+from .errors import CheckpointError
+from .records import EpochRecord
 
-FORMAT = "graft-checkpoint/1"
+FORMAT = "graft-checkpoint/2"
+FORMATS = ("graft-checkpoint/1", FORMAT)  # what ``load`` reads
 _EPOCH_FILE = re.compile(r"epoch(\d+)\.pt$")
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used: the message names the file and why."""
 
 
 def network_dir(run_dir: str | Path, network: int) -> Path:
@@ -39,31 +48,60 @@ def network_dir(run_dir: str | Path, network: int) -> Path:
 
 
 def epoch_path(run_dir: str | Path, network: int, epoch: int) -> Path:
-    return network_dir(run_dir, network) / f"epoch{epoch:04d}.pt"
+    """The file of the resume point after ``epoch`` (counted from 0 in code): epoch0001.pt after
+    the first epoch, as the log and every message count them (files of runs started before
+    this numbering count from 0; their directory has no NUMBERING file and keeps theirs)."""
+    d = network_dir(run_dir, network)
+    return d / f"epoch{epoch + _first_number(d):04d}.pt"
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+def _first_number(directory: Path) -> int:
+    """The number a directory's first epoch file has: 1, or 0 in a run started before file
+    names counted from 1."""
+    if (directory / NUMBERING).exists():
+        return 1
+    return 0 if any(directory.glob("epoch*.pt")) else 1
 
-    A crash or a full disk leaves the previous file untouched (the temporary file is removed).
-    """
+
+NUMBERING = "NUMBERING"  # its presence: this directory's file names count epochs from 1
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def disk_problem(path: Path, error: OSError) -> str:
+    """'disk full' or the system's words, for a write that failed."""
+    return "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+
+
+def atomic_save(obj, path: str | Path, what: str = "checkpoint") -> None:
+    """Serialize in memory, write to a temporary file in the same directory, fsync, then rename
+    over ``path``. A crash or a full disk leaves the previous file untouched (the temporary file
+    is removed) and raises CheckpointError naming the path. (Serializing first keeps torch.save's
+    zip writer away from the disk, where it turns a full disk into an opaque RuntimeError.)"""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a checkpoint is shared like any file
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except OSError as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise CheckpointError(f"{path}: cannot write checkpoint ({why}); the previous one is intact") from None
+        before = "the previous one is intact" if path.exists() else "nothing was written"
+        raise CheckpointError(f"{path}: cannot write the {what} ({disk_problem(path, e)}); {before}") from None
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -73,12 +111,18 @@ def _umask() -> int:
     return mask
 
 
-def save_epoch(run_dir: str | Path, network: int, epoch: int, payload: dict, keep: int = 2) -> Path:
-    """Save network ``network``'s resume point after ``epoch``; of the epochs before it keep the
-    newest ``keep - 1`` (files of later epochs, left by a run that resumed earlier, are replaced
-    as training reaches them). Temporary files of a save that was killed are removed."""
+def save_epoch(run_dir: str | Path, network: int, setup: dict, state: dict, keep: int = 2) -> Path:
+    """Save network ``network``'s resume point (``ResumePoint.state_dict()``, after its epoch
+    ``state["epoch"]``); of the epochs before it keep the newest ``keep - 1`` (files of later
+    epochs, left by a run that resumed earlier, are replaced as training reaches them).
+    Temporary files of a save that was killed are removed."""
+    epoch = state["epoch"]
+    d = network_dir(run_dir, network)
+    if _first_number(d) == 1 and not (d / NUMBERING).exists():
+        d.mkdir(parents=True, exist_ok=True)
+        (d / NUMBERING).write_text("epoch files count epochs from 1, as the log does\n")
     path = epoch_path(run_dir, network, epoch)
-    atomic_save({"format": FORMAT, "network": network, "epoch": epoch, **payload}, path)
+    atomic_save({"format": FORMAT, "network": network, "setup": setup, **state}, path)
     older = [p for e, p in epoch_files(run_dir, network) if e < epoch]
     for old in older[:len(older) - (keep - 1)]:
         old.unlink(missing_ok=True)
@@ -98,68 +142,54 @@ def save_best(run_dir: str | Path, network: int, epoch: int, acc: float, split: 
     path = network_dir(run_dir, network) / "best.pt"
     new = path.with_name("best.new.pt")  # written in full first: a full disk changes nothing
     atomic_save({"format": FORMAT, "network": network, "epoch": epoch, "acc": acc, "split": split, "setup": setup,
-                 "model": model}, new)
+                 "model": model}, new, "best weights")
     if path.exists():
         os.replace(path, path.with_name("best.prev.pt"))
     os.replace(new, path)
     return path
 
 
-def _saved_epoch(path: Path) -> int | None:
-    try:
-        return load(path)["epoch"]
-    except CheckpointError:
-        return None
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
 
 
-def set_aside_best_after(run_dir: str | Path, network: int, epoch: int) -> Path | None:
-    """A resume trains the epochs after ``epoch`` again: a best.pt saved by one of them (before a
-    crash stopped the others) is renamed out of the way, not deleted, and the best before it
-    (best.prev.pt) takes its place. Returns the set-aside path, or None."""
-    path, prev = network_dir(run_dir, network) / "best.pt", network_dir(run_dir, network) / "best.prev.pt"
-    if not path.exists() and prev.exists():  # stopped between save_best's two steps
-        os.replace(prev, path)
-    if not path.exists():
-        return None
-    saved = _saved_epoch(path)
-    if saved is not None and saved <= epoch:
-        return None
-    stale = path.with_name(f"best.epoch{saved if saved is not None else epoch + 1:04d}.stale.pt")
-    os.replace(path, stale)
-    prev_epoch = _saved_epoch(prev) if prev.exists() else None
-    if prev_epoch is not None and prev_epoch <= epoch:
-        os.replace(prev, path)
-    return stale
-
-
-def remove_epochs_after(run_dir: str | Path, network: int, epoch: int) -> list[Path]:
-    """Resume points later than the epoch every network agreed on belong to a trajectory that
-    is trained again: they are removed, so that a later crash cannot mix them into this one."""
-    later = [p for e, p in epoch_files(run_dir, network) if e > epoch]
-    for p in later:
-        p.unlink()
-    return later
-
-
-def epoch_files(run_dir: str | Path, network: int) -> list[tuple[int, Path]]:
-    d = network_dir(run_dir, network)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _EPOCH_FILE.search(p.name))]
-    return sorted(found)
+def _numpy_rng_types() -> list:
+    """What a graft-checkpoint/1 file's numpy RNG state unpickles to, and nothing else."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def load(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint, or raise CheckpointError naming the file (truncated, corrupt, foreign)."""
+    """Load a checkpoint as weights only, or raise CheckpointError naming the file: truncated,
+    corrupt, foreign, or holding anything whose loading would run code."""
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_numpy_rng_types()):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: loading it would run code{what}; graft reads checkpoints as weights "
+                              "only. Load only files you made, or trust") from None
     except Exception as e:  # torch raises many types for a damaged file
         why = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+    if not isinstance(obj, dict) or obj.get("format") not in FORMATS:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: not a graft checkpoint (format {found!r})")
+    if not isinstance(obj.get("model"), dict):
+        raise CheckpointError(f"{path}: a graft checkpoint without model weights")
     return obj
+
+
+def epoch_files(run_dir: str | Path, network: int) -> list[tuple[int, Path]]:
+    """(epoch counted from 0, path) of each resume point of ``network``, oldest first."""
+    d = network_dir(run_dir, network)
+    if not d.is_dir():
+        return []
+    first = _first_number(d)
+    found = [(int(m.group(1)) - first, p) for p in d.iterdir() if (m := _EPOCH_FILE.search(p.name))]
+    return sorted(found)
 
 
 def newest_complete(run_dir: str | Path, network: int) -> tuple[int, dict | None, list[str]]:
@@ -181,18 +211,43 @@ def newest_complete(run_dir: str | Path, network: int) -> tuple[int, dict | None
     return -1, None, skipped
 
 
-def capture_rng(device: torch.device) -> dict:
-    """Every RNG the loop may draw from (the data order is a pure function of seed and epoch)."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def _saved_epoch(path: Path) -> int:
+    """The epoch a best.pt holds; a damaged one is named, never taken for another epoch's."""
+    try:
+        return load(path)["epoch"]
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. It holds a network's best-validation weights, which no other file "
+                              f"replaces: restore it, or move it away to go on without it (then {path.name} "
+                              "starts again from the epochs trained from now on)") from None
 
 
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state.get("cuda") is not None:  # this process's GPU, whichever index it has now
-        torch.cuda.set_rng_state(state["cuda"])
+def set_aside_best_after(run_dir: str | Path, network: int, epoch: int) -> Path | None:
+    """A resume trains the epochs after ``epoch`` again: a best.pt saved by one of them (before a
+    crash stopped the others) is renamed out of the way, not deleted, and the best before it
+    (best.prev.pt) takes its place. Returns the set-aside path, or None. A damaged best.pt stops
+    the resume (CheckpointError naming it)."""
+    path, prev = network_dir(run_dir, network) / "best.pt", network_dir(run_dir, network) / "best.prev.pt"
+    if not path.exists() and prev.exists():  # stopped between save_best's two steps
+        os.replace(prev, path)
+    if not path.exists():
+        return None
+    saved = _saved_epoch(path)
+    if saved <= epoch:
+        return None
+    stale = path.with_name(f"best.epoch{saved + 1:04d}.stale.pt")
+    os.replace(path, stale)
+    if prev.exists() and _saved_epoch(prev) <= epoch:
+        os.replace(prev, path)
+    return stale
+
+
+def remove_epochs_after(run_dir: str | Path, network: int, epoch: int) -> list[Path]:
+    """Resume points later than the epoch every network agreed on belong to a trajectory that
+    is trained again: they are removed, so that a later crash cannot mix them into this one."""
+    later = [p for e, p in epoch_files(run_dir, network) if e > epoch]
+    for p in later:
+        p.unlink()
+    return later
 
 
 # What a refused resume suggests: the run asked for is another run, and belongs in its own directory.
@@ -210,3 +265,77 @@ def check_setup(path: Path, saved: dict | None, current: dict) -> None:
     if diffs:
         raise CheckpointError(f"{path}: cannot resume, the run was set up differently ({'; '.join(diffs)}); "
                               f"{ELSEWHERE}, or restore those settings to continue it")
+
+
+# --------------------------------------------------------------------------------------------
+# The resume point
+# --------------------------------------------------------------------------------------------
+
+
+def capture_rng(device: torch.device) -> dict:
+    """Every RNG the loop may draw from (the data order is a pure function of seed and epoch),
+    as tensors and plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if state.get("cuda") is not None:  # this process's GPU, whichever index it has now
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class ResumePoint:
+    """What a network's resume point restores: the weights, optimizer, schedule, scaler, the
+    grafter's count and RNGs, the last completed epoch (-1: none), the best evaluated accuracy
+    so far and its epoch, and that epoch's record. ``state_dict`` / ``load_state_dict`` are each
+    other's inverse; ``save_epoch`` adds the format, the network and the setup."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    grafter: object                   # a graft.Grafter (its state: grafts done, a graft owed)
+    device: torch.device
+    epoch: int = -1
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    record: EpochRecord | None = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "record": None if self.record is None else self.record.to_json(),
+                "grafter": self.grafter.state_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "rng": capture_rng(self.device)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.best_acc, self.best_epoch = state.get("best_acc", -1.0), state.get("best_epoch", -1)
+        self.record = None if state.get("record") is None else EpochRecord.from_json(state["record"])
+        grafter_state = state.get("grafter") or {"epoch": self.epoch, "grafted": state.get("grafted", True)}
+        self.grafter.load_state_dict({"spec": self.grafter.spec.settings(), **grafter_state}
+                                     if "spec" not in grafter_state else grafter_state)
+        self.model.load_state_dict(state["model"])  # onto the model's device
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # the curve as configured now:
+            for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs,  # epochs may have grown
+                                      self.scheduler.lr_lambdas):
+                group["lr"] = base * f(self.scheduler.last_epoch)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])  # CPU tensors, as torch.set_rng_state wants
+
+    @property
+    def grafted(self) -> bool:
+        """Whether the last completed epoch ended with a graft."""
+        return self.grafter.grafted

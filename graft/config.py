@@ -17,11 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from .errors import ConfigError
+from .rules import PRESETS, GraftSpec, SpecError
 
-
-class ConfigError(UserError, ValueError):
-    """A bad config: the message names the source and the key."""
+SPEC = GraftSpec()  # the grafting keys' defaults
 
 
 # What graft-train and graft-run say, with their usage, when given neither a config nor an
@@ -60,12 +59,19 @@ class OptimConfig:
 @dataclass
 class GraftingConfig:
     enabled: bool = True          # false: the networks train independently (the baseline)
-    level: str = "layer"          # one alpha per layer (weight entropy) or per filter (ratio of the BN scales, no entropy)
-    A: float = 0.4                # alpha = (A / pi) * arctan(c * (H_self - H_peer)) + 0.5
-    c: float = 500.0              # see A
-    bins: int = 10                # histogram bins of the entropy
-    compat: str = "default"       # default: the paper's formulas; reference: the official code's, quirks included
-    exchange: str = "auto"        # ring (send to k+1, receive from k-1; what auto picks) or all_gather
+    rule: str = SPEC.rule         # a named combination that sets criterion, partner, every_steps and alpha: paper (entropy, ring, each epoch: the defaults) or papa (constant alpha 0.99 toward the population mean every 10 steps)
+    criterion: str = SPEC.criterion  # entropy (the paper's), reference (the official code's, quirks included), bn_scale (filter level: a ratio of BatchNorm scales per filter), l1 (the layer's L1 norm in place of its entropy), constant (alpha = grafting.alpha). Old configs' level: filter is bn_scale, compat: reference is reference
+    partner: str = SPEC.partner   # ring: network k blends in network k-1 (the paper's); population: the mean of every network
+    every_steps: int = SPEC.every_steps  # 0: graft at each epoch's end (not after the last); k: every k optimizer steps
+    A: float = SPEC.A             # alpha = (A / pi) * arctan(c * (H_self - H_peer)) + 0.5
+    c: float = SPEC.c             # see A
+    bins: int = SPEC.bins         # histogram bins of the entropy
+    alpha: float = SPEC.alpha     # criterion constant: the fixed alpha a network keeps of itself (0.5: plain averaging)
+    exchange: str = "auto"        # ring (send to k+1, receive from k-1; what auto picks) or all_gather; the population partner always all-reduces
+
+    def spec(self) -> GraftSpec:
+        """The GraftSpec these settings name (validated when the config is loaded)."""
+        return GraftSpec(**{k: getattr(self, k) for k in SPEC.settings()})
 
 
 @dataclass
@@ -122,10 +128,81 @@ RUNTIME = {"epochs", "eval_batch_size", "output_dir", "resume", "backend", "devi
 def setup_differences(recorded: dict, current: dict) -> list[tuple[str, object, object]]:
     """(key, recorded value, current value) for every setting of ``current`` that differs from
     ``recorded`` (a checkpoint's setup, a plan's arm). Only recorded settings are compared (one
-    written before a setting existed still matches), and a recorded ``num_classes`` of 0 ("from
+    written before a setting existed still matches; grafting.level and grafting.compat of older
+    versions count as the criterion they meant), and a recorded ``num_classes`` of 0 ("from
     the data") matches any."""
+    recorded = _upgrade_setup(recorded)
     return [(k, recorded[k], v) for k, v in current.items()
             if k in recorded and recorded[k] != v and not (k == "num_classes" and recorded[k] == 0)]
+
+
+# Older versions named the criterion by two keys: grafting.level (layer | filter) and
+# grafting.compat (default | reference). They are still read, as the criterion they meant.
+LEGACY = ("level", "compat")
+
+
+def _legacy_criterion(criterion: str, key: str, value, where: str) -> str:
+    """The criterion after an old ``grafting.level`` or ``grafting.compat`` setting."""
+    if (key, value) not in {("level", "layer"), ("level", "filter"), ("compat", "default"), ("compat", "reference")}:
+        allowed = "layer, filter" if key == "level" else "default, reference"
+        raise ConfigError(f"{where}: grafting.{key}: must be one of {allowed}; got {value!r} (grafting.criterion "
+                          "replaces it)")
+    meant = "bn_scale" if key == "level" else "reference"
+    if value in ("layer", "default"):  # undoes what the other value would set
+        return "entropy" if criterion == meant else criterion
+    if criterion not in ("entropy", meant):
+        raise ConfigError(f"{where}: grafting.{key}={value} (the older name of grafting.criterion={meant}) "
+                          f"contradicts grafting.criterion={criterion}")
+    return meant
+
+
+def _upgrade_grafting(section: dict, where: str) -> dict:
+    """A grafting section with the older keys level and compat turned into criterion."""
+    if not isinstance(section, dict) or not any(k in section for k in LEGACY):
+        return section
+    section = dict(section)
+    given = section.get("criterion", SPEC.criterion)
+    criterion = given
+    for key in LEGACY:
+        if key in section:
+            criterion = _legacy_criterion(criterion, key, section.pop(key), where)
+    if "criterion" in section and criterion != given:
+        raise ConfigError(f"{where}: grafting.criterion={given} contradicts the older keys grafting.level/compat "
+                          f"(which say {criterion}); give only grafting.criterion")
+    if criterion != given or "criterion" in section:  # level: layer alone says nothing new
+        section["criterion"] = criterion
+    return section
+
+
+def _upgrade_setup(setup: dict) -> dict:
+    """A checkpoint's or archive's flat setup with grafting.level and grafting.compat as the
+    grafting.criterion they meant."""
+    if not any(f"grafting.{k}" in setup for k in LEGACY):
+        return setup
+    old = {k: setup[f"grafting.{k}"] for k in LEGACY if f"grafting.{k}" in setup}
+    try:
+        section = _upgrade_grafting(old, "checkpoint")
+    except ConfigError:
+        return setup
+    upgraded = {k: v for k, v in setup.items() if k not in {f"grafting.{k}" for k in LEGACY}}
+    return {**upgraded, "grafting.criterion": section.get("criterion", SPEC.criterion)}
+
+
+def _apply_rule(cfg: Config, in_file: set[str], source: str, overridden: set[str]) -> Config:
+    """grafting.rule sets the keys its preset names, over the file's values when the rule comes
+    from the command line; a key given where the rule is given, or later, against it is refused."""
+    g = cfg.grafting
+    preset = PRESETS.get(g.rule)
+    if not preset:
+        return cfg  # '' (none), or an unknown name that validate names
+    binding = overridden if "grafting.rule" in overridden else in_file | overridden
+    for key, value in preset.items():
+        name = f"grafting.{key}"
+        if name in binding and getattr(g, key) != value:
+            where = "command line" if name in overridden else source
+            raise ConfigError(f"{where}: {name}: grafting.rule={g.rule} sets it to {value!r}; got {getattr(g, key)!r} "
+                              "(leave it out, or drop the rule)")
+    return dataclasses.replace(cfg, grafting=dataclasses.replace(g, **preset))
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -146,9 +223,8 @@ CHOICES = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "tar", "synthetic"),
     "data.eval_split": ("test", "val"),
     "optim.schedule": ("step", "cosine", "constant"),
-    "grafting.level": ("layer", "filter"),
-    "grafting.compat": ("default", "reference"),
     "grafting.exchange": ("auto", "all_gather", "ring"),
+    **{f"grafting.{key}": choices for key, choices in GraftSpec.CHOICES.items()},
 }
 
 # key -> (low, high, inclusive-low); None = unbounded
@@ -159,8 +235,8 @@ RANGES = {
     "data.workers": (0, None), "data.image_size": (8, None),
     "optim.lr": (0, None), "optim.momentum": (0, 1), "optim.weight_decay": (0, None),
     "optim.step_size": (1, None), "optim.gamma": (0, 1),
-    "grafting.A": (0, 1), "grafting.c": (0, None), "grafting.bins": (2, None),
     "distill.tau": (1e-3, None), "distill.weight": (0, None),
+    **{f"grafting.{key}": limits for key, limits in GraftSpec.LIMITS.items()},
 }
 
 
@@ -168,7 +244,7 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _build(cls, values: dict, source: str, prefix: str = ""):
+def build(cls, values: dict, source: str, prefix: str = ""):
     """Make a ``cls`` from a dict, checking every key and type."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, "
@@ -188,7 +264,7 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
 
 def _convert(hint, value, source: str, name: str):
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, name + ".")
+        return build(hint, value, source, name + ".")
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -246,8 +322,11 @@ def validate(cfg: Config, source: str = "config", overridden: typing.Collection[
     problem = check_model_name(cfg.model)
     if problem:
         fail("model", problem)
-    if cfg.grafting.compat == "reference" and cfg.grafting.level != "layer":
-        fail("grafting.compat", "'reference' supports grafting.level=layer only")
+    try:
+        cfg.grafting.spec()
+    except SpecError as e:
+        key, _, message = str(e).partition(": ")
+        fail(f"grafting.{key}", message)
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
         fail("optim.nesterov", "needs optim.momentum > 0")
     if cfg.distill.mutual and cfg.data_parallel != 1:
@@ -294,10 +373,17 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                               "start from one of configs/ (configs/quickstart.yaml is the smallest)")
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    cfg = _build(Config, values, source)
+    if isinstance(values.get("grafting"), dict):
+        values = {**values, "grafting": _upgrade_grafting(values["grafting"], source)}
+    cfg = build(Config, values, source)
+    section = values.get("grafting")
+    explicit = {f"grafting.{k}" for k in section} if isinstance(section, dict) else set()
     overridden = set()
     for text in overrides:
         parts, value = parse_override(text)
+        if parts[:1] == ["grafting"] and len(parts) == 2 and parts[1] in LEGACY:
+            parts, value = ["grafting", "criterion"], _legacy_criterion(cfg.grafting.criterion, parts[1], value,
+                                                                        "command line")
         merged = cfg.to_dict()
         node = merged
         for i, part in enumerate(parts[:-1]):
@@ -307,11 +393,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                                   f"('{name}' is not a section)")
             node = node[part]
         if parts[-1] not in node:
-            _build(_section_class(parts[:-1]), {parts[-1]: value}, "command line",
+            build(_section_class(parts[:-1]), {parts[-1]: value}, "command line",
                    "".join(p + "." for p in parts[:-1]))
         node[parts[-1]] = value
-        cfg = _build(Config, merged, "command line")
+        cfg = build(Config, merged, "command line")
         overridden.add(".".join(parts))
+    cfg = _apply_rule(cfg, explicit | overridden, source, overridden)
     return validate(cfg, source, overridden)
 
 
@@ -381,7 +468,7 @@ def reference_markdown() -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if key in CHOICES:
-                allowed = ", ".join(CHOICES[key])
+                allowed = ", ".join(c if c else "'' (none)" for c in CHOICES[key])
             elif key in RANGES:
                 low, high = RANGES[key]
                 allowed = f">= {low:g}" if high is None else f"{low:g} to {high:g}"

@@ -1,13 +1,13 @@
-"""The grafting math: entropies, the adaptive weight, and the blend of two state dicts.
+"""The grafting math: entropies, the adaptive weight, layer plans and blends of two state dicts.
 
-Pure tensor functions. No file I/O, no torch.distributed: the ring (graft.ring) and the
-training loop call these, and the tests check them in isolation.
+Pure tensor functions. No file I/O, no torch.distributed: graft.rules composes them into
+grafting criteria, graft.exchange calls those, and the tests check each function in isolation.
 
-Two modes:
-* ``compat="default"``: the paper's formulas, every weight value counted, BatchNorm tensors
-  blended with the alpha of the conv that feeds them.
-* ``compat="reference"``: the official code (fxmeng/filter-grafting, grafting_cifar/grafting.py)
-  with its quirks, so that published numbers can be reproduced. README lists each difference.
+Two ways of grouping and blending tensors (``compat``):
+* ``"default"``: the paper's formulas, every weight value counted, BatchNorm tensors blended
+  with the alpha of the conv that feeds them.
+* ``"reference"``: the official code (fxmeng/filter-grafting, grafting_cifar/grafting.py) with
+  its quirks, so that published numbers can be reproduced. docs/grafting.md lists each difference.
 """
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ __all__ = [
     "filter_entropy",
     "reference_entropy",
     "adaptive_weight",
+    "layer_offsets",
+    "reference_alphas",
     "GraftPlan",
-    "GraftReport",
     "make_plan",
     "module_plan",
     "plan_entropies",
+    "plan_l1_norms",
     "peer_distances",
-    "graft_with_entropies",
-    "graft_state_dict",
+    "blend",
+    "blend_reference",
+    "filter_offsets",
     "check_compatible",
     "check_finite",
     "first_non_finite",
@@ -43,7 +46,6 @@ __all__ = [
     "count_invalid_filters",
 ]
 
-LEVELS = ("layer", "filter")
 COMPATS = ("default", "reference")
 
 
@@ -209,10 +211,20 @@ def adaptive_weight(h_self, h_peer, A: float = 0.4, c: float = 500):
     return _graft_offset(h_self, h_peer, A, c) + 0.5
 
 
+def layer_offsets(h_self: Tensor, h_peer: Tensor, A: float, c: float) -> Tensor:
+    """alpha - 0.5 per layer, in float64: the form ``blend`` takes."""
+    return _graft_offset(h_self.to(torch.float64), h_peer.to(torch.float64), A, c)
+
+
 def _reference_alpha(h_self: float, h_peer: float, A: float, c: float) -> float:
     """The official code's alpha, rounded to two decimals as it is there: numpy's round of a
     numpy float64 (which differs from Python's round on some halves, e.g. 0.385)."""
     return float(round(A / np.pi * np.arctan(c * (h_self - h_peer)) + 0.5, 2))
+
+
+def reference_alphas(h_self: Tensor, h_peer: Tensor, A: float, c: float) -> list[float]:
+    """The official code's alpha per layer (``_reference_alpha``)."""
+    return [_reference_alpha(a, b, A, c) for a, b in zip(h_self.tolist(), h_peer.tolist())]
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,35 +364,6 @@ def _reference_plan(state: Mapping[str, Tensor], keys: list[str]) -> GraftPlan:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LayerRecord:
-    layer: str
-    entropy_self: float
-    entropy_peer: float
-    alpha: float
-    peer_distance: float  # ||W_peer - W_self|| / ||W_self||, before the blend
-
-
-@dataclass
-class GraftReport:
-    """What one graft did: per alpha-defining layer its entropies and alpha."""
-
-    level: str
-    compat: str
-    layers: list[LayerRecord]
-    follows: dict[str, str]
-    fallbacks: list[str] = field(default_factory=list)  # filter level: convs without a BN
-
-    def mean_alpha(self) -> float:
-        return sum(r.alpha for r in self.layers) / max(len(self.layers), 1)
-
-    def mean_peer_distance(self) -> float:
-        return sum(r.peer_distance for r in self.layers) / max(len(self.layers), 1)
-
-    def as_records(self) -> list[dict]:
-        return [vars(r).copy() for r in self.layers]
-
-
 def check_compatible(own: Mapping[str, Tensor], peer: Mapping[str, Tensor]) -> None:
     """Raise ValueError naming the first key where the two states differ in name, shape or dtype."""
     own_keys, peer_keys = list(own.keys()), list(peer.keys())
@@ -424,7 +407,7 @@ def first_non_finite_given(state: Mapping[str, Tensor], plan: GraftPlan, entropi
     """``first_non_finite`` for a state whose layer entropies are known. A NaN or Inf in a layer
     makes its entropy NaN (in the default mode), so while the entropies are finite only the other
     tensors (biases, BatchNorm: a few percent of the values) need a look."""
-    if plan.compat == "default" and bool(entropies.isfinite().all()):
+    if plan.compat == "default" and entropies.numel() == len(plan.layers) and bool(entropies.isfinite().all()):
         layers = set(plan.layers)
         state = {k: t for k, t in state.items() if k not in layers}
     return first_non_finite(state)
@@ -436,6 +419,15 @@ def plan_entropies(state: Mapping[str, Tensor], plan: GraftPlan, bins: int = 10)
     if plan.compat == "reference":
         return torch.tensor([reference_entropy(t, bins) for t in tensors], dtype=torch.float64)
     return weight_entropies(tensors, bins).to(torch.float64)
+
+
+def plan_l1_norms(state: Mapping[str, Tensor], plan: GraftPlan) -> Tensor:
+    """The L1 norm of every layer of ``plan`` (the tensor that defines it; float64, on the
+    state's device): the paper's ablation of entropy as the criterion. NaN or Inf in a layer
+    gives a non-finite norm, as it gives a NaN entropy."""
+    if not plan.layers:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([state[k].detach().double().abs().sum() for k in plan.layers])
 
 
 def peer_distances(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], layers: Sequence[str]) -> Tensor:
@@ -484,52 +476,48 @@ def _blend_small(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], offsets:
     return out
 
 
-def graft_with_entropies(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], plan: GraftPlan,
-                         h_self: Tensor, h_peer: Tensor, level: str = "layer",
-                         A: float = 0.4, c: float = 500) -> tuple[dict[str, Tensor], GraftReport]:
-    """Blend ``peer`` into ``own`` given both states' layer entropies (as the ring has them)."""
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    if plan.compat == "reference" and level == "filter":
-        raise ValueError("compat='reference' supports level='layer' only")
-    hs, hp = h_self.tolist(), h_peer.tolist()
-    if plan.compat == "reference":
-        alphas = [_reference_alpha(a, b, A, c) for a, b in zip(hs, hp)]
-        offsets = dict(zip(plan.layers, alphas))
-    else:
-        off = _graft_offset(h_self.to(torch.float64), h_peer.to(torch.float64), A, c)
-        alphas = (off + 0.5).tolist()
-        offsets = dict(zip(plan.layers, off.tolist()))  # floats: no tensor conversion per key
-    distances = peer_distances(own, peer, plan.layers).tolist()
-    report = GraftReport(level, plan.compat,
-                         [LayerRecord(*r) for r in zip(plan.layers, hs, hp, alphas, distances)],
-                         dict(plan.follows))
-
+def blend(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], plan: GraftPlan, offsets: Mapping[str, float],
+          filters: Mapping[str, tuple] | None = None) -> dict[str, Tensor]:
+    """Every tensor of ``own`` blended with ``peer``'s: alpha * own + (1 - alpha) * peer with
+    alpha = 0.5 + ``offsets[its layer]`` (``plan.follows``), or per channel where ``filters``
+    gives offsets (``filter_offsets``). Tensors outside the plan are copied. New tensors;
+    inputs unchanged."""
+    filters = filters or {}
+    small = _blend_small(own, peer, {k: offsets[lead] for k, lead in plan.follows.items()
+                                     if k not in filters and own[k].numel() <= _SMALL})
     out: dict[str, Tensor] = {}
-    filter_offsets = _filter_offsets(own, peer, plan, report) if level == "filter" else {}
-    small = {} if plan.compat == "reference" else _blend_small(own, peer, {
-        k: offsets[lead] for k, lead in plan.follows.items() if k not in filter_offsets and own[k].numel() <= _SMALL})
     for key, t in own.items():
         leader = plan.follows.get(key)
         if leader is None:
             out[key] = t.clone()
-        elif plan.compat == "reference":
-            w = offsets[leader]
-            out[key] = (t * w + peer[key] * (1 - w)).to(t.dtype)
-        elif key in filter_offsets:
-            out[key] = _blend_filters(t, peer[key], *filter_offsets[key], offsets[leader])
+        elif key in filters:
+            out[key] = _blend_filters(t, peer[key], *filters[key], offsets[leader])
         elif key in small:
             out[key] = small[key]
         else:
             out[key] = _blend(t, peer[key], offsets[leader])
-    return out, report
+    return out
 
 
-def _filter_offsets(own, peer, plan: GraftPlan, report: GraftReport) -> dict[str, tuple]:
+def blend_reference(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], plan: GraftPlan,
+                    alphas: Mapping[str, float]) -> dict[str, Tensor]:
+    """The official code's blend, key by key: ``own * alpha + peer * (1 - alpha)`` in the
+    tensor's dtype, integer buffers included, as its loop does."""
+    out: dict[str, Tensor] = {}
+    for key, t in own.items():
+        leader = plan.follows.get(key)
+        out[key] = t.clone() if leader is None else (t * alphas[leader] + peer[key] * (1 - alphas[leader])).to(t.dtype)
+    return out
+
+
+def filter_offsets(own: Mapping[str, Tensor], peer: Mapping[str, Tensor],
+                   plan: GraftPlan) -> tuple[dict[str, tuple], dict[str, float]]:
     """Filter level: per-channel offsets from the |gamma| of the BN after each conv.
 
-    Returns key -> (output-channel offsets or None, input-channel offsets or None) with
-    alpha_j = |g_self_j| / (|g_self_j| + |g_peer_j|) written as an offset from 0.5 (0/0 -> 0.5).
+    Returns (key -> (output-channel offsets or None, input-channel offsets or None), conv layer
+    -> the mean of its channels' alphas), with alpha_j = |g_self_j| / (|g_self_j| + |g_peer_j|)
+    written as an offset from 0.5 (0/0 -> 0.5). Convs with no BN after them get none
+    (``plan.convs_without_bn``): they blend with their layer alpha.
     """
     channel: dict[str, Tensor] = {}
     for bn in plan.bn_after.values():
@@ -539,11 +527,8 @@ def _filter_offsets(own, peer, plan: GraftPlan, report: GraftReport) -> dict[str
     out_off = {key: channel[plan.bn_after[leader]]
                for key, leader in plan.follows.items() if leader in plan.bn_after}
     in_off = {conv: channel[bn] for bn, conv in plan.next_conv.items() if bn in channel}
-    report.fallbacks.extend(plan.convs_without_bn(own))
-    by_layer = {r.layer: r for r in report.layers}
-    for conv, bn in plan.bn_after.items():
-        by_layer[conv].alpha = float(0.5 + channel[bn].mean())
-    return {k: (out_off.get(k), in_off.get(k)) for k in out_off.keys() | in_off.keys()}
+    layer_alpha = {conv: float(0.5 + channel[bn].mean()) for conv, bn in plan.bn_after.items()}
+    return {k: (out_off.get(k), in_off.get(k)) for k in out_off.keys() | in_off.keys()}, layer_alpha
 
 
 def _blend_filters(own: Tensor, peer: Tensor, out_off, in_off, layer_off) -> Tensor:
@@ -567,24 +552,6 @@ def _blend_filters(own: Tensor, peer: Tensor, out_off, in_off, layer_off) -> Ten
     alpha_out = 0.5 + column(out_off, 0)
     alpha = alpha_out * (0.5 + column(in_off, 1))
     return alpha * own + (1 - alpha) * peer
-
-
-def graft_state_dict(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], level: str = "layer",
-                     A: float = 0.4, c: float = 500, bins: int = 10, compat: str = "default",
-                     plan: GraftPlan | None = None) -> tuple[dict[str, Tensor], GraftReport]:
-    """Graft ``peer`` into ``own``: returns (new state dict, report). Inputs are not modified.
-
-    ``plan``: how the tensors group into layers; by default ``make_plan(own, compat)``
-    (``module_plan(model)`` groups a model's tensors as graft.Grafter does).
-    Raises ValueError, before changing anything, when the states differ in keys, shapes or
-    dtypes, or when either holds NaN or Inf.
-    """
-    check_compatible(own, peer)
-    plan = make_plan(own, compat) if plan is None else plan
-    h_self, h_peer = plan_entropies(own, plan, bins), plan_entropies(peer, plan, bins)
-    check_finite(own, "own state", plan, h_self)
-    check_finite(peer, "peer state", plan, h_peer)
-    return graft_with_entropies(own, peer, plan, h_self, h_peer, level, A, c)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .errors import UserError
+from .errors import DataError
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -64,10 +64,6 @@ __all__ = [
 
 SPLITS = ("train", "test")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(UserError, ValueError):
-    """A data set that cannot be used: the message names the config key and the file."""
 
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

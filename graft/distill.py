@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checkpoint, ring
+from . import checkpoint
+from .dist import collectives
 from .models import build_model
 
 
@@ -62,7 +63,7 @@ def teacher_probs(teachers: list[nn.Module], images: Tensor, tau: float) -> Tens
 
 
 @torch.no_grad()
-@ring.collectives()
+@collectives()
 def peer_probs(student_logits: Tensor, tau: float, group) -> Tensor:
     """Mutual mode: the mean softened prediction of the *other* networks on this same batch.
     One all_reduce of a (batch x classes) tensor per step: the networks move in lockstep."""

@@ -6,21 +6,17 @@ sum of a network's statistics over its own replicas (hybrid mode).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import ring
-from .errors import UserError
-
-
-class TrainingError(UserError):
-    """Training cannot go on (the loss is NaN or Inf)."""
+from .dist import collectives
+from .errors import DataError, TrainingError
 
 
 def make_autocast(amp: str, device: torch.device):
@@ -64,15 +60,20 @@ def machine_name() -> str:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scaler, autocast, progress,
-                    device, group=None) -> dict:
+                    device, group=None, after_step: Callable[[], None] | None = None) -> dict:
     """One epoch of SGD. Loss, accuracy and images/s are the network's: summed over its replicas
-    (``group``) in hybrid mode, where DDP talks to the replicas in every step."""
+    (``group``) in hybrid mode, where DDP talks to the replicas in every step. ``after_step`` runs
+    after each optimizer step (a per-step graft).
+
+    A step whose loss is NaN or Inf is left out of the epoch's loss; with fp16's GradScaler
+    (which skips such steps) the epoch goes on, without it the run stops (TrainingError)."""
     model.train()
-    total_loss = torch.zeros((), device=device)
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    finite_seen = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    with ring.collectives() if group is not None else contextlib.nullcontext():
+    with collectives() if group is not None else contextlib.nullcontext():
         for images, labels in progress(loader):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast():
@@ -88,27 +89,34 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scal
                 optimizer.step()
             if per_iter:
                 scheduler.step()
-            total_loss += loss.detach() * labels.numel()
+            if after_step is not None:
+                after_step()
+            finite = torch.isfinite(loss.detach()).double() * labels.numel()
+            total_loss += torch.nan_to_num(loss.detach().double(), nan=0.0, posinf=0.0, neginf=0.0) * finite
+            finite_seen += finite
             correct += (outputs.argmax(1) == labels).sum()
             seen += labels.numel()
             progress.step(total_loss, correct, seen)
+        if device.type == "cuda":  # the epoch's time includes the kernels it queued
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         if not per_iter:
             scheduler.step()
-        totals = torch.stack([total_loss.double(), correct.double(), torch.tensor(float(seen), device=device)])
+        totals = torch.stack([total_loss, correct.double(), torch.tensor(float(seen), device=device,
+                                                                        dtype=torch.float64), finite_seen])
         if group is not None:
             dist.all_reduce(totals, group=group)
-    loss_sum, correct_n, seen_n = totals.tolist()
-    if not math.isfinite(loss_sum):
+    loss_sum, correct_n, seen_n, finite_n = totals.tolist()
+    if finite_n < seen_n and (scaler is None or finite_n == 0):
         raise TrainingError("training loss is NaN or Inf (try a lower optim.lr)")
-    return {"train_loss": loss_sum / max(seen_n, 1), "train_acc": 100.0 * correct_n / max(seen_n, 1),
+    return {"train_loss": loss_sum / max(finite_n, 1), "train_acc": 100.0 * correct_n / max(seen_n, 1),
             "images_per_sec": seen_n / seconds, "train_seconds": seconds}
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, device, split: str = "test") -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Loss and accuracy (keys named after ``split``), plus the softmax outputs (for the
-    ensemble) and labels."""
+def evaluate(model, loader, autocast, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Loss and accuracy (``loss``, ``acc``), plus the softmax outputs (for the ensemble) and
+    labels."""
     model.eval()
     probs, labels_all, loss_sum = [], [], torch.zeros((), device=device)
     for images, labels in loader:
@@ -118,8 +126,11 @@ def evaluate(model, loader, autocast, device, split: str = "test") -> tuple[dict
         loss_sum += F.cross_entropy(outputs, labels, reduction="sum")  # no host sync per batch
         probs.append(outputs.softmax(1))
         labels_all.append(labels)
+    if not probs:
+        raise DataError("the evaluated split is empty: no images to evaluate (data.val_fraction too small for "
+                        "the data, or an empty test/ folder)")
     probs, labels = torch.cat(probs), torch.cat(labels_all)
-    return {f"{split}_loss": loss_sum.item() / len(labels), f"{split}_acc": accuracy(probs, labels)}, probs, labels
+    return {"loss": loss_sum.item() / len(labels), "acc": accuracy(probs, labels)}, probs, labels
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:

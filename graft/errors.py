@@ -1,9 +1,10 @@
-"""The one base class of the errors a user sees.
+"""Every error a user sees, under one base class.
 
-A ``UserError`` (ConfigError, DataError, CheckpointError, the ring's errors, a stop by signal...)
-ends a run with one line, ``graft: error: <message>``, no traceback, and a non-zero exit: its
-message names what to fix (the config key, the file, the rank). Anything else is a bug and keeps
-its traceback.
+A ``UserError`` ends a run with one line, ``graft: error: <message>``, no traceback, and a
+non-zero exit: its message names what to fix (the config key, the file, the rank). Anything
+else is a bug and keeps its traceback. ``resumable`` says whether rerunning the same command can
+help (a stopped peer, a signal) or cannot (a bad config, a read-only directory): cli.py words
+the advice from it.
 """
 
 import os
@@ -13,6 +14,62 @@ import threading
 
 class UserError(Exception):
     """An error the user can act on; the message names the key, file or rank at fault."""
+
+    resumable = False   # True: the run stopped between steps and the same command resumes it
+    names_rank = False  # the message already says which rank (cli adds it otherwise)
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config, plan or argument: the message names the source and the key."""
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be read or used: the message names the file or the setting."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used or written: the message names the file and why."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (the loss is NaN or Inf)."""
+
+
+class TopologyError(UserError, RuntimeError):
+    """The processes cannot be arranged as asked (wrong world size, GPUs shared by NCCL...)."""
+
+
+class GraftError(UserError, RuntimeError):
+    """Grafting refused before any weight moved (NaN or Inf weights, another architecture, other
+    settings on another rank)."""
+
+    names_rank = True
+
+
+class PeerTimeout(UserError, RuntimeError):
+    """A rank did not reach a check-in point in time (it died, or waits at another point)."""
+
+    names_rank = True
+
+
+class PeerLost(UserError, RuntimeError):
+    """A collective failed: another rank went away (its own error says why)."""
+
+
+class PeerFailed(UserError, RuntimeError):
+    """Another rank failed inside ``dist.together``; names that rank and repeats its error."""
+
+    names_rank = True
+
+    def __init__(self, message: str, resumable: bool = False, failed_rank: int | None = None):
+        super().__init__(message)
+        self.resumable, self.failed_rank = resumable, failed_rank
+
+
+class Stop(UserError):
+    """SIGTERM / SIGINT: stopped between steps; the last complete checkpoint stays intact."""
+
+    resumable = True
 
 
 # graft-run sets this variable for its workers: they leave their error line in the error file

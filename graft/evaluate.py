@@ -57,9 +57,9 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
         detail = " ".join(str(e).split())[:300]
         raise ConfigError(f"{path}: its weights do not fit model {cfg.model} with num_classes {cfg.num_classes} "
                           f"(from {config_file} and the overrides): {detail}") from None
-    stats, _, labels = evaluate(model, loader, make_autocast(cfg.amp, dev), dev, split)
+    stats, _, labels = evaluate(model, loader, make_autocast(cfg.amp, dev), dev)
     return {"checkpoint": str(path), "network": state.get("network"), "epoch": state.get("epoch"),
-            "split": split, "images": len(labels), **stats}
+            "split": split, "images": len(labels), f"{split}_loss": stats["loss"], f"{split}_acc": stats["acc"]}
 
 
 def main(argv=None) -> int:

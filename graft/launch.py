@@ -23,6 +23,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous import RendezvousError
 
+from . import cli
 from .config import NOTHING_TO_RUN, dump_config, load_config
 from .data import check_data
 from .errors import REPORTED_BY_LAUNCHER, UserError
@@ -92,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):  # line by line into a file too (nohup, a Slurm log)
         sys.stdout.reconfigure(line_buffering=True)
     args, config, overrides, print_config = parse_args(sys.argv[1:] if argv is None else argv)
-    stopped = ("graft: stopped by {}: the workers stopped between steps and the last complete checkpoint is "
-               "intact; {}")
-    resume_hint = "rerun the same command to resume"
+    output_dir, resume = None, "auto"  # None: not known here (resume=never picks it in the workers)
+
+    def stopped(signum: int) -> str:
+        return (f"graft: stopped by {signal.Signals(signum).name}: the workers stopped between steps; "
+                f"{cli.after_stop(output_dir, resume)}")
+
     try:
         cfg = load_config(config, overrides)
-        if cfg.resume == "never":  # the same command would start afresh once more
-            resume_hint = "to resume, rerun with output_dir=(the directory the run named) resume=auto"
+        if cfg.resume != "never":
+            output_dir = cfg.output_dir
         if print_config:
             print(dump_config(cfg), end="")
             return 0
@@ -118,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
               "--rdzv-endpoint", file=sys.stderr, flush=True)
         return 1
     except SignalException as e:
-        print(stopped.format(e.sigval.name, resume_hint), file=sys.stderr, flush=True)
+        print(stopped(e.sigval), file=sys.stderr, flush=True)
         return 128 + e.sigval
     except KeyboardInterrupt:  # before torchrun's agent took the signals over
-        print(stopped.format("SIGINT", resume_hint), file=sys.stderr, flush=True)
+        print(stopped(signal.SIGINT), file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
 
 

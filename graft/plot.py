@@ -31,8 +31,9 @@ class Run:
 
     name: str
     title: str
+    split: str                     # the split evaluated every epoch: test, or val
     epochs: np.ndarray             # (E,) counted from 1, as printed
-    test_acc: np.ndarray           # (N, E)
+    acc: np.ndarray                # (N, E) on ``split``
     ensemble_acc: np.ndarray       # (E,)
     lr: np.ndarray                 # (N, E)
     invalid: dict[str, np.ndarray]  # threshold -> (N, E)
@@ -40,13 +41,19 @@ class Run:
     mean_peer_distance: np.ndarray  # (N, E)
     layers: list[str] = field(default_factory=list)
     alpha: np.ndarray | None = None          # (N, L, E)
-    entropy: np.ndarray | None = None        # (N, L, E)
+    score: np.ndarray | None = None          # (N, L, E): the criterion's layer score (entropy, L1 norm)
+    score_name: str = ""
     peer_distance: np.ndarray | None = None  # (N, L, E)
     A: float | None = None
+    grafted: bool = False                    # some epoch ended with a graft
 
     @property
     def networks(self) -> int:
-        return self.test_acc.shape[0]
+        return self.acc.shape[0]
+
+    @property
+    def split_name(self) -> str:
+        return "validation" if self.split == "val" else "test"
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -55,47 +62,53 @@ def load_run(run_dir: str | Path) -> Run:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise PlotError(f"{run_dir}: no metrics.jsonl (not a graft run directory?)")
-    latest = {(r["network"], r["epoch"]): r for r in MetricsLog(path).read()}  # a rewritten record: the later
+    try:
+        latest = {(r.network, r.epoch): r for r in MetricsLog(path).read()}  # a rewritten record: the later
+    except (TypeError, ValueError) as e:
+        raise PlotError(f"{path}: not a graft metrics file ({e})") from None
     if not latest:
-        raise PlotError(f"{path}: no records yet")
+        raise PlotError(f"{path}: no epoch records yet")
+    if all(r.acc is None for r in latest.values()):
+        raise PlotError(f"{path}: no accuracy in any record (neither test_acc nor val_acc): nothing to draw")
     nets = sorted({n for n, _ in latest})
     epochs = sorted({e for _, e in latest})
     col = {e: j for j, e in enumerate(epochs)}
     shape = (len(nets), len(epochs))
 
-    def grid(key, default=math.nan) -> np.ndarray:
+    def grid(value) -> np.ndarray:
         out = np.full(shape, math.nan)
         for (n, e), r in latest.items():
-            value = r.get(key, default)
-            out[nets.index(n), col[e]] = math.nan if value is None else value
+            v = value(r)
+            out[nets.index(n), col[e]] = math.nan if v is None else v
         return out
 
     ensemble = np.full(len(epochs), math.nan)
     for (_, e), r in latest.items():
-        ensemble[col[e]] = r.get("ensemble_acc", math.nan)
+        ensemble[col[e]] = math.nan if r.ensemble_acc is None else r.ensemble_acc
     first = next(iter(latest.values()))
-    thresholds = list(first.get("invalid_filters", {}))
-    invalid = {t: np.full(shape, math.nan) for t in thresholds}
-    for (n, e), r in latest.items():
-        for t in thresholds:
-            invalid[t][nets.index(n), col[e]] = r.get("invalid_filters", {}).get(t, math.nan)
+    thresholds = list(first.invalid_filters)
+    invalid = {t: grid(lambda r, t=t: r.invalid_filters.get(t)) for t in thresholds}
 
     cfg = _read_config(run_dir)
     grafting = cfg.get("grafting", {})
-    run = Run(name=str(run_dir), title=_title(run_dir, cfg, len(nets)), epochs=np.array(epochs) + 1,
-              test_acc=grid("test_acc"), ensemble_acc=ensemble, lr=grid("lr"), invalid=invalid,
-              filters=first.get("filters", 0), mean_peer_distance=grid("mean_peer_distance"),
-              A=grafting.get("A") if grafting.get("compat", "default") == "default" else None)
-    grafted = [r for r in latest.values() if r.get("graft")]
+    entropy_alpha = grafting.get("criterion", "entropy") in ("entropy", "l1") and grafting.get("compat") != "reference"
+    run = Run(name=str(run_dir), title=_title(run_dir, cfg, len(nets)), split=first.split, epochs=np.array(epochs) + 1,
+              acc=grid(lambda r: r.acc), ensemble_acc=ensemble, lr=grid(lambda r: r.lr), invalid=invalid,
+              filters=first.filters, mean_peer_distance=grid(lambda r: r.mean_peer_distance),
+              A=grafting.get("A") if entropy_alpha else None)
+    grafted = [r for r in latest.values() if r.graft]
+    run.grafted = bool(grafted) or any(r.grafts for r in latest.values())
     if grafted:
-        run.layers = [layer["layer"] for layer in grafted[0]["graft"]]
-        per_layer = {key: np.full((len(nets), len(run.layers), len(epochs)), math.nan)
-                     for key in ("alpha", "entropy_self", "peer_distance")}
+        run.layers = [layer["layer"] for layer in grafted[0].graft]
+        run.score_name = next((k.removesuffix("_self") for k in grafted[0].graft[0] if k.endswith("_self")), "")
+        keys = ("alpha", f"{run.score_name}_self", "peer_distance")
+        per_layer = {key: np.full((len(nets), len(run.layers), len(epochs)), math.nan) for key in keys}
         for r in grafted:
             for key, values in per_layer.items():
-                values[nets.index(r["network"]), :, col[r["epoch"]]] = [
-                    layer.get(key, math.nan) for layer in r["graft"]]
-        run.alpha, run.entropy, run.peer_distance = (per_layer[k] for k in ("alpha", "entropy_self", "peer_distance"))
+                values[nets.index(r.network), :, col[r.epoch]] = [layer.get(key, math.nan) for layer in r.graft]
+        run.alpha, run.score, run.peer_distance = (per_layer[k] for k in keys)
+        if not run.score_name:
+            run.score = None
     return run
 
 
@@ -109,7 +122,9 @@ def _read_config(run_dir: Path) -> dict:
 def _title(run_dir: Path, cfg: dict, networks: int) -> str:
     g = cfg.get("grafting", {})
     if networks > 1 and g.get("enabled", True):
-        how = f"grafting {g.get('level', 'layer')}, A {g.get('A', '?')}, c {g.get('c', '?')}"
+        criterion = g.get("criterion") or {"filter": "bn_scale"}.get(g.get("level"), "entropy")
+        rule = f"rule {g['rule']}, " if g.get("rule") else ""
+        how = f"grafting: {rule}{criterion}, {g.get('partner', 'ring')}, A {g.get('A', '?')}, c {g.get('c', '?')}"
     else:
         how = "no grafting"
     return f"{run_dir}: {cfg.get('model', '?')}, {networks} network(s), {how}"
@@ -148,10 +163,11 @@ def _counts_axis(ax, values: list[np.ndarray]) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _distance_axis(ax, values: np.ndarray) -> None:
+def _distance_axis(ax, values: np.ndarray, grafted: bool) -> None:
     """Peer distance: log scale (independent networks start ~1.4 apart; grafted ones come close)."""
     if np.isnan(values).all():
-        ax.text(0.5, 0.5, "no grafting", ha="center", va="center", transform=ax.transAxes)
+        why = "not recorded (metrics older than the peer distance)" if grafted else "no grafting"
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
         ax.set_yticks([])
     elif np.nanmin(values) > 0:
@@ -162,23 +178,23 @@ def _line_panels(run: Run, axes) -> None:
     acc, lr, inv, dist = axes
     grafted = not np.isnan(run.mean_peer_distance).all()
     for k in range(run.networks):
-        acc.plot(run.epochs, run.test_acc[k], lw=1, label=f"network {k}")
+        acc.plot(run.epochs, run.acc[k], lw=1, label=f"network {k}")
         lr.plot(run.epochs, run.lr[k], lw=1, label=f"network {k}")
         for t, style in zip(run.invalid, ("-", "--", ":", "-.")):
             inv.plot(run.epochs, run.invalid[t][k], style, lw=1, color=f"C{k}", label=f"net {k}, L1 < {t}")
         if grafted:
             dist.plot(run.epochs, run.mean_peer_distance[k], "o-", ms=3, lw=1, label=f"network {k}")
     acc.plot(run.epochs, run.ensemble_acc, color="black", lw=2, label="ensemble")
-    _style(acc, "test accuracy", "%")
+    _style(acc, f"{run.split_name} accuracy", "%")
     _style(lr, "learning rate", "lr")
     _style(inv, f"invalid filters (of {run.filters})", "filters")
     _style(dist, "peer distance, mean over layers", "||W_peer - W|| / ||W||")
     _counts_axis(inv, list(run.invalid.values()))
-    _distance_axis(dist, run.mean_peer_distance)
+    _distance_axis(dist, run.mean_peer_distance, run.grafted)
 
 
 def _heatmaps(run: Run, fig) -> None:
-    """Rows alpha / entropy / peer distance, one column per network, layers x epochs."""
+    """Rows alpha / the criterion's score / peer distance, one column per network, layers x epochs."""
     from matplotlib.colors import LogNorm, Normalize
 
     deviation = run.A / 2 if run.A else max(float(np.nanmax(np.abs(run.alpha - 0.5))), 1e-3)
@@ -186,12 +202,14 @@ def _heatmaps(run: Run, fig) -> None:
     positive = distance[distance > 0]
     # Log colours: a few grafts bring networks from ~1.4 (independent) to ~0.01 apart.
     far = (LogNorm(max(positive.min(), 1e-6), positive.max()) if positive.size and positive.max() > positive.min()
-           else Normalize(0, max(float(np.nanmax(distance)), 1e-6)))
-    rows = [("alpha (own share)", run.alpha, "coolwarm", Normalize(0.5 - deviation, 0.5 + deviation)),
-            ("entropy of the weights", run.entropy, "viridis",
-             Normalize(np.nanmin(run.entropy), np.nanmax(run.entropy))),
-            ("peer distance ||W_peer - W|| / ||W||", distance, "magma", far)]
-    axes = fig.subplots(3, run.networks, squeeze=False, sharex=True, sharey=True)
+           else Normalize(0, max(float(np.nanmax(distance)) if np.isfinite(distance).any() else 0.0, 1e-6)))
+    rows = [("alpha (own share)", run.alpha, "coolwarm", Normalize(0.5 - deviation, 0.5 + deviation))]
+    if run.score is not None:
+        names = {"entropy": "entropy of the weights", "l1": "L1 norm of the weights"}
+        label = names.get(run.score_name, run.score_name)
+        rows.append((label, run.score, "viridis", Normalize(np.nanmin(run.score), np.nanmax(run.score))))
+    rows.append(("peer distance ||W_peer - W|| / ||W||", distance, "magma", far))
+    axes = fig.subplots(len(rows), run.networks, squeeze=False, sharex=True, sharey=True)
     names = [name.removesuffix(".weight") for name in run.layers]
     step = max(1, math.ceil(len(names) / 40))  # at most 40 layer names on the axis
     e0, e1 = run.epochs[0] - 0.5, run.epochs[-1] + 0.5
@@ -209,7 +227,7 @@ def _heatmaps(run: Run, fig) -> None:
 def draw_run(run: Run, path: str | Path) -> Path:
     """One run: curves on top, per-layer heatmaps below; written as PNG."""
     heat = run.alpha is not None
-    rows_height = 3 * max(2.5, 0.12 * len(run.layers)) if heat else 0
+    rows_height = (3 if run.score is not None else 2) * max(2.5, 0.12 * len(run.layers)) if heat else 0
     fig = _figure(max(18.0, 5.0 * run.networks), 4.2 + rows_height)
     fig.suptitle(run.title)
     top, bottom = fig.subfigures(2, 1, height_ratios=[4.2, rows_height]) if heat else (fig, None)
@@ -238,8 +256,8 @@ def draw_comparison(runs: list[Run], path: str | Path) -> Path:
     rows, distances = [], []
     for i, run in enumerate(runs):
         color, label = f"C{i}", run.name
-        acc.plot(run.epochs, _over_networks(run.test_acc, np.nanmean), color=color, label=label)
-        acc.fill_between(run.epochs, _over_networks(run.test_acc, np.nanmin), _over_networks(run.test_acc, np.nanmax),
+        acc.plot(run.epochs, _over_networks(run.acc, np.nanmean), color=color, label=f"{label} ({run.split_name})")
+        acc.fill_between(run.epochs, _over_networks(run.acc, np.nanmin), _over_networks(run.acc, np.nanmax),
                          color=color, alpha=0.2)
         ens.plot(run.epochs, run.ensemble_acc, color=color, label=label)
         for k in range(run.networks):
@@ -251,19 +269,22 @@ def draw_comparison(runs: list[Run], path: str | Path) -> Path:
             dist.plot(run.epochs, _over_networks(run.mean_peer_distance, np.nanmean), "o-", ms=3, color=color,
                       label=label)
             distances.append(run.mean_peer_distance)
-        final = run.test_acc[:, -1]
-        rows.append([label[-40:], str(run.networks), f"{np.nanmean(final):.2f} ± {np.nanstd(final):.2f}",
-                     f"{np.nanmax(run.test_acc):.2f}", f"{run.ensemble_acc[-1]:.2f}"])
-    _style(acc, "test accuracy, mean of networks (band: min to max)", "%")
-    _style(ens, "ensemble test accuracy", "%")
+        final = run.acc[:, -1]
+        rows.append([label[-40:], run.split_name, str(run.networks),
+                     f"{np.nanmean(final):.2f} ± {np.nanstd(final):.2f}", f"{np.nanmax(run.acc):.2f}",
+                     f"{run.ensemble_acc[-1]:.2f}"])
+    splits = sorted({run.split_name for run in runs})
+    _style(acc, f"{' / '.join(splits)} accuracy, mean of networks (band: min to max)", "%")
+    _style(ens, f"ensemble {' / '.join(splits)} accuracy", "%")
     _style(lr, "learning rate", "lr")
     _style(inv, "invalid filters, mean of networks", "filters")
     _style(dist, "peer distance, mean of networks and layers", "||W_peer - W|| / ||W||")
     _counts_axis(inv, [_over_networks(v, np.nanmean) for run in runs for v in run.invalid.values()])
-    _distance_axis(dist, np.concatenate([d.ravel() for d in distances]) if distances else np.array([math.nan]))
+    _distance_axis(dist, np.concatenate([d.ravel() for d in distances]) if distances else np.array([math.nan]),
+                   any(run.grafted for run in runs))
     table.axis("off")
     table.set_title("final epoch")
-    table.table(cellText=rows, colLabels=["run", "networks", "final acc", "best acc", "ensemble"],
+    table.table(cellText=rows, colLabels=["run", "split", "networks", "final acc", "best acc", "ensemble"],
                 loc="upper center", cellLoc="left").auto_set_font_size(True)
     fig.savefig(path, dpi=110)
     return Path(path)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .config import Config, save_config
+from .records import EpochRecord
 from .stats import mean_std
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ class Progress:
 class TensorBoardLog:
     """Scalars per network per epoch, when tensorboard is installed (rank 0 only)."""
 
-    KEYS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "mean_alpha",
-            "mean_peer_distance", "images_per_sec", "epoch_seconds", "graft_seconds")
+    KEYS = ("lr", "train_loss", "train_acc", "mean_alpha", "mean_peer_distance", "images_per_sec", "epoch_seconds",
+            "graft_seconds")
 
     def __init__(self, run_dir: str | Path, purge_from: int = 0):
         try:
@@ -61,52 +62,56 @@ class TensorBoardLog:
         # when starting over), as metrics.jsonl does.
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_from)
 
-    def write(self, records: list[dict]) -> None:
+    def write(self, records: list[EpochRecord]) -> None:
         if self.writer is None:
             return
         for r in records:
+            net, epoch = f"net{r.network}", r.epoch
             for key in self.KEYS:
-                if r.get(key) is not None:
-                    self.writer.add_scalar(f"{key}/net{r['network']}", r[key], r["epoch"])
-            for thr, n in r.get("invalid_filters", {}).items():
-                self.writer.add_scalar(f"invalid_filters_{thr}/net{r['network']}", n, r["epoch"])
-            for layer in r.get("graft", []):
-                self.writer.add_scalar(f"peer_distance/net{r['network']}/{layer['layer']}", layer["peer_distance"],
-                                       r["epoch"])
-        self.writer.add_scalar("ensemble_acc", records[0]["ensemble_acc"], records[0]["epoch"])
+                if getattr(r, key) is not None:
+                    self.writer.add_scalar(f"{key}/{net}", getattr(r, key), epoch)
+            self.writer.add_scalar(f"{r.split}_loss/{net}", r.loss, epoch)
+            self.writer.add_scalar(f"{r.split}_acc/{net}", r.acc, epoch)
+            for thr, n in r.invalid_filters.items():
+                self.writer.add_scalar(f"invalid_filters_{thr}/{net}", n, epoch)
+            for layer in r.graft:
+                self.writer.add_scalar(f"peer_distance/{net}/{layer['layer']}", layer["peer_distance"], epoch)
+        self.writer.add_scalar("ensemble_acc", records[0].ensemble_acc, records[0].epoch)
         self.writer.flush()
 
 
 class MetricsLog:
-    """One JSON record per network per epoch; after a resume, records past the resume point
-    are dropped so that each (network, epoch) appears exactly once."""
+    """One JSON line per network per epoch (an EpochRecord); after a resume, records past the
+    resume point are dropped so that each (network, epoch) appears exactly once."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def write(self, records: list[dict]) -> None:
+    def write(self, records: list[EpochRecord]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             for r in records:
-                f.write(json.dumps(r) + "\n")
+                f.write(json.dumps(r.to_json()) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def read(self) -> list[dict]:
+    def read(self) -> list[EpochRecord]:
         if not self.path.exists():
             return []
         records = []
         for line in self.path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                values = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a crash
                 continue
+            if isinstance(values, dict) and "epoch" in values and "network" in values:
+                records.append(EpochRecord.from_json(values))
         return records
 
-    def latest(self) -> list[dict]:
+    def latest(self) -> list[EpochRecord]:
         """The records with one per (network, epoch), the later where one was written twice (a run
         that stopped between its checkpoint and its metrics), in (epoch, network) order."""
-        by_key = {(r["epoch"], r["network"]): r for r in self.read()}
+        by_key = {r.key: r for r in self.read()}
         return [by_key[k] for k in sorted(by_key)]
 
     def set_aside(self) -> Path:
@@ -116,23 +121,22 @@ class MetricsLog:
         os.replace(self.path, aside)
         return aside
 
-    def truncate(self, after_epoch: int) -> list[dict]:
+    def truncate(self, after_epoch: int) -> list[EpochRecord]:
         """Drop the records after ``after_epoch``; returns the records kept."""
-        keep = [r for r in self.read() if r["epoch"] <= after_epoch]
+        keep = [r for r in self.read() if r.epoch <= after_epoch]
         self._rewrite(keep)
         return keep
 
-    def replace(self, records: list[dict]) -> None:
+    def replace(self, records: list[EpochRecord]) -> None:
         """Put ``records`` in place of those with the same (epoch, network); add the others."""
-        new = {(r["epoch"], r["network"]): r for r in records}
+        new = {r.key: r for r in records}
         old = self.read()
-        have = {(r["epoch"], r["network"]) for r in old}
-        self._rewrite([new.get((r["epoch"], r["network"]), r) for r in old]
-                      + [r for key, r in new.items() if key not in have])
+        have = {r.key for r in old}
+        self._rewrite([new.get(r.key, r) for r in old] + [r for key, r in new.items() if key not in have])
 
-    def _rewrite(self, records: list[dict]) -> None:
+    def _rewrite(self, records: list[EpochRecord]) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
         os.replace(tmp, self.path)
 
 
@@ -147,7 +151,7 @@ class RunLog:
     refused resume leaves the run's config as it was.
     """
 
-    def __init__(self, cfg: Config, first_epoch: int, resumed: list[dict]):
+    def __init__(self, cfg: Config, first_epoch: int, resumed: list[EpochRecord]):
         self.dir = Path(cfg.output_dir)
         self.epochs, self.thresholds = cfg.epochs, tuple(cfg.invalid_thresholds)
         save_config(cfg, self.dir / "config.yaml")
@@ -156,21 +160,16 @@ class RunLog:
             logger.info(f"starting over: the metrics of the earlier run are kept in {self.metrics.set_aside()}")
         elif first_epoch > 0:
             # The resumed checkpoints' records are the truth for their epoch: the run may have
-            # stopped before logging them, or logged a late graft (grafted_late) it never saved.
+            # stopped before logging them, or the resume grafted late (a run extended past its end).
             self.metrics.truncate(after_epoch=first_epoch - 1)
             self.metrics.replace([r for r in resumed if r])
         self.tensorboard = TensorBoardLog(self.dir, purge_from=first_epoch)
 
-    def epoch(self, records: list[dict]) -> None:
+    def epoch(self, records: list[EpochRecord]) -> None:
         """One epoch's records, one per network."""
         self.metrics.write(records)
         self.tensorboard.write(records)
         logger.info(epoch_table(records, self.epochs, self.thresholds))
-
-    def grafted_late(self, records: list[dict]) -> None:
-        """A run extended after its last epoch grafts first: that epoch's records, with the graft,
-        replace the ones saying it was not grafted (metrics.jsonl; TensorBoard keeps the old point)."""
-        self.metrics.replace(records)
 
     def finish(self, test: dict | None) -> dict | None:
         """summary.json from every epoch's records (None when there are none)."""
@@ -183,18 +182,13 @@ class RunLog:
         return summary
 
 
-def eval_split(record: dict) -> str:
-    """The split a record was evaluated on: 'val' when the run selects on validation, else 'test'."""
-    return "val" if "val_acc" in record else "test"
-
-
-def epoch_table(records: list[dict], epochs: int, thresholds) -> str:
+def epoch_table(records: list[EpochRecord], epochs: int, thresholds) -> str:
     """The table rank 0 prints after every epoch: one row per network."""
-    records = sorted(records, key=lambda r: r["network"])
-    epoch = records[0]["epoch"]
-    split = eval_split(records[0])
+    records = sorted(records, key=lambda r: r.network)
+    epoch, split = records[0].epoch, records[0].split
     thr = [str(float(t)) for t in thresholds]
-    head = (f"epoch {epoch + 1}/{epochs}  ensemble acc {records[0].get('ensemble_acc', float('nan')):.2f}%\n"
+    ensemble = records[0].ensemble_acc
+    head = (f"epoch {epoch + 1}/{epochs}  ensemble acc {float('nan') if ensemble is None else ensemble:.2f}%\n"
             f"{'net':>3} {'lr':>8} {'loss':>7} {'train%':>7} {split + '%':>7} {'alpha':>6} {'dist':>6} "
             + " ".join(f"{'inv<' + t:>9}" for t in thr) + f" {'img/s':>7} {'epoch s':>8} {'graft s':>8}")
     rows = [head]
@@ -202,28 +196,27 @@ def epoch_table(records: list[dict], epochs: int, thresholds) -> str:
         return f"{'-' if value is None else format(value, '.3f'):>6}"
 
     for r in records:
-        inv = " ".join(f"{r['invalid_filters'][t]:>4}/{r['filters']:<4}" for t in thr)
-        rows.append(f"{r['network']:>3} {r['lr']:>8.4f} {r['train_loss']:>7.3f} {r['train_acc']:>7.2f} "
-                    f"{r[split + '_acc']:>7.2f} {cell(r.get('mean_alpha'))} {cell(r.get('mean_peer_distance'))} {inv} "
-                    f"{r['images_per_sec']:>7.0f} {r['epoch_seconds']:>8.2f} {r['graft_seconds']:>8.3f}")
+        inv = " ".join(f"{r.invalid_filters[t]:>4}/{r.filters:<4}" for t in thr)
+        rows.append(f"{r.network:>3} {r.lr:>8.4f} {r.train_loss:>7.3f} {r.train_acc:>7.2f} "
+                    f"{r.acc:>7.2f} {cell(r.mean_alpha)} {cell(r.mean_peer_distance)} {inv} "
+                    f"{r.images_per_sec:>7.0f} {r.epoch_seconds:>8.2f} {r.graft_seconds:>8.3f}")
     return "\n".join(rows)
 
 
-def summarize(records: list[dict], test: dict | None = None) -> dict:
+def summarize(records: list[EpochRecord], test: dict | None = None) -> dict:
     """Final and best accuracy on the evaluated split, per network and of the ensemble; mean and
     spread. ``test`` (runs that select on validation) is the end-of-run test evaluation of the
     final and the best-validation weights (``train.final_test``); it is kept as ``summary["test"]``."""
-    by_net: dict[int, dict[int, dict]] = {}
+    by_net: dict[int, dict[int, EpochRecord]] = {}
     for r in records:  # a (network, epoch) written twice counts once: the later record
-        by_net.setdefault(r["network"], {})[r["epoch"]] = r
-    split = eval_split(records[0])
-    key = f"{split}_acc"
+        by_net.setdefault(r.network, {})[r.epoch] = r
+    split = records[0].split
     nets, ens = {}, []
     for k, per_epoch in sorted(by_net.items()):
         rs = [per_epoch[e] for e in sorted(per_epoch)]
-        nets[k] = {"final_acc": rs[-1][key], "best_acc": max(r[key] for r in rs),
-                   "best_epoch": max(rs, key=lambda r: r[key])["epoch"], "epochs": len(rs)}
-        ens = ens or [r["ensemble_acc"] for r in rs]
+        best = max(rs, key=lambda r: r.acc)
+        nets[k] = {"final_acc": rs[-1].acc, "best_acc": best.acc, "best_epoch": best.epoch, "epochs": len(rs)}
+        ens = ens or [r.ensemble_acc for r in rs]
     final_mean, final_std = mean_std([n["final_acc"] for n in nets.values()])
     best_mean, best_std = mean_std([n["best_acc"] for n in nets.values()])
     summary = {

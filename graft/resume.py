@@ -12,13 +12,15 @@ import logging
 import shlex
 from pathlib import Path
 
-from . import checkpoint, ring
+from . import checkpoint
 from .config import Config, ConfigError
+from .dist import Topology, all_gather_objects, together
+from .records import EpochRecord
 
 logger = logging.getLogger(__name__)
 
 
-def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
+def fresh_output_dir(cfg: Config, topo: Topology) -> Config:
     """``resume: never`` with checkpoints in output_dir: start afresh in output_dir-1, -2, ...
     (rank 0 decides, everyone follows); nothing already saved is touched. Collective: every rank."""
     if cfg.resume != "never":
@@ -27,7 +29,7 @@ def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
     while (Path(path) / "checkpoints").exists():
         n += 1
         path = f"{base}-{n}"
-    path = ring.all_gather_objects(topo, path, leaders_only=False)[0]
+    path = all_gather_objects(topo, path, leaders_only=False)[0]
     # Named either way: after a stop, the same command would start afresh once more.
     why = f"{base} holds checkpoints; " if path != base else ""
     logger.info(f"resume=never: {why}this run writes to {path} (to resume it after a stop: "
@@ -35,30 +37,31 @@ def fresh_output_dir(cfg: Config, topo: ring.Topology) -> Config:
     return dataclasses.replace(cfg, output_dir=path)
 
 
-def resume(cfg: Config, topo: ring.Topology, state) -> list[dict]:
-    """Load into ``state`` (a train.TrainState) the newest epoch every network completed.
+def resume(cfg: Config, topo: Topology, point: checkpoint.ResumePoint) -> list[EpochRecord]:
+    """Load into ``point`` the newest epoch every network completed, and do the graft it owes
+    (a run extended past its old last epoch, which ended without one).
 
     Returns that epoch's metrics records, one per network, on the leaders ([] elsewhere, and when
     there is nothing to resume): the run may have stopped between its checkpoints and its
-    metrics. Damaged files are skipped with a warning naming them; epochs after the agreed one
-    are removed, and a best.pt saved by one of them is set aside. Collective: every rank.
+    metrics. Damaged epoch files are skipped with a warning naming them; epochs after the agreed
+    one are removed, and a best.pt saved by one of them is set aside. Collective: every rank.
     """
     run_dir = Path(cfg.output_dir)
-    with ring.together(topo, "resume"):  # damaged or foreign files of one network   # collective: every rank
+    with together(topo, "resume"):  # damaged or foreign files of one network   # collective: every rank
         newest, saved = _newest_usable(cfg, topo)
     agreed = _agree_on_epoch(cfg, topo, newest)                                   # collective: every rank
     if agreed < 0:
         return []
     path = checkpoint.epoch_path(run_dir, topo.network, agreed)
-    with ring.together(topo, "resume"):                                           # collective: every rank
+    with together(topo, "resume"):                                           # collective: every rank
         if not path.exists():
             raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
                                              "network completed; cannot resume consistently")
-        state.load_state_dict(saved if agreed == newest else checkpoint.load(path))
-    if len(set(ring.all_gather_objects(topo, state.grafted, leaders_only=False))) > 1:  # collective: every rank
+        point.load_state_dict(saved if agreed == newest else checkpoint.load(path))
+    if len(set(all_gather_objects(topo, point.grafted, leaders_only=False))) > 1:  # collective: every rank
         raise checkpoint.CheckpointError(f"{run_dir}: the networks' checkpoints of epoch {agreed} disagree on whether "
                                          "it was grafted (files of two different runs?); cannot resume consistently")
-    if state.grafted and agreed == cfg.epochs - 1:
+    if point.grafted and agreed == cfg.epochs - 1 and not point.grafter.spec.per_step:
         # A run planned for more epochs grafted after this one: ending here would report weights
         # that no epoch evaluated as the final ones.
         raise ConfigError(f"epochs: {cfg.epochs} would end the run in {run_dir} on epoch {agreed + 1}'s grafted "
@@ -66,13 +69,18 @@ def resume(cfg: Config, topo: ring.Topology, state) -> list[dict]:
                           f"epochs={agreed + 2} or more continues it")
     records = []
     if topo.is_leader:
-        _forget_after(run_dir, topo.network, agreed)
-        records = ring.all_gather_objects(topo, state.record)                    # collective: leaders
+        with together(topo, "resume", leaders_only=True):                         # collective: leaders
+            _forget_after(run_dir, topo.network, agreed)
+    late = point.grafter.resume(point.model) if cfg.grafting.enabled else None    # collective: every rank
+    if late is not None and point.record is not None:
+        point.record.add_graft(late)
+    if topo.is_leader:
+        records = all_gather_objects(topo, point.record)                          # collective: leaders
     logger.info(f"resuming after epoch {agreed + 1}/{cfg.epochs} (the newest epoch every network completed)")
     return records
 
 
-def _newest_usable(cfg: Config, topo: ring.Topology) -> tuple[int, dict | None]:
+def _newest_usable(cfg: Config, topo: Topology) -> tuple[int, dict | None]:
     """This network's newest loadable epoch checkpoint (-1, None without one), after checking
     that it was set up as this run is: a foreign setup is named before the networks agree."""
     run_dir = Path(cfg.output_dir)
@@ -85,9 +93,9 @@ def _newest_usable(cfg: Config, topo: ring.Topology) -> tuple[int, dict | None]:
     return newest, saved
 
 
-def _agree_on_epoch(cfg: Config, topo: ring.Topology, newest: int) -> int:
+def _agree_on_epoch(cfg: Config, topo: Topology, newest: int) -> int:
     """The newest epoch every network has (-1: none has any). Collective: every rank."""
-    everyone = ring.all_gather_objects(topo, newest, leaders_only=False)
+    everyone = all_gather_objects(topo, newest, leaders_only=False)
     agreed = min(everyone)
     if agreed < 0 and max(everyone) >= 0:
         lacking = sorted({r // topo.replicas for r, e in enumerate(everyone) if e < 0})
@@ -103,8 +111,9 @@ def _agree_on_epoch(cfg: Config, topo: ring.Topology, newest: int) -> int:
 def _forget_after(run_dir: Path, network: int, epoch: int) -> None:
     """The epochs after ``epoch`` are trained again: their files must not mix into this run."""
     for later in checkpoint.remove_epochs_after(run_dir, network, epoch):
-        logger.warning(f"removed {later}: an epoch after {epoch + 1}, which is trained again")
+        logger.warning(f"removed {later}: it comes after epoch {epoch + 1}, the newest every network completed, "
+                       "and is trained again")
     stale = checkpoint.set_aside_best_after(run_dir, network, epoch)
     if stale:
-        logger.warning(f"{stale.name}: best.pt came from an epoch after {epoch + 1}, which is trained again; "
-                       "set aside")
+        logger.warning(f"best.pt came from an epoch after {epoch + 1}, which is trained again; set aside as "
+                       f"{stale.name}")

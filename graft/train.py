@@ -1,8 +1,9 @@
 """Train N networks with filter grafting: ``torchrun --nproc_per_node=N -m graft.train --config X``.
 
 One process per network (or per replica in hybrid mode). Each epoch: train, evaluate (each
-network as trained, and the ensemble of all networks), graft from the ring peer, checkpoint, log.
-One network, or ``grafting.enabled=false``, is the baseline through the same code path.
+network as trained, and the ensemble of all networks), graft (the spec's rule: from the ring
+peer at the epoch's end by default, or every k optimizer steps during training), checkpoint,
+log. One network, or ``grafting.enabled=false``, is the baseline through the same code path.
 
 Roles. A line of ``run`` runs on every rank unless it sits under ``topo.is_leader`` (replica 0
 of each network: evaluation, checkpoints) or ``topo.is_main`` (rank 0: the run's files). Calls
@@ -15,30 +16,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import logging
 import math
 import os
 import random
-import shlex
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, core, distill, log, ring
+from . import checkpoint, cli, core, distill, log
+from .checkpoint import ResumePoint
 from .config import NOTHING_TO_RUN, Config, ConfigError, dump_config, load_config
-from .data import DataError, Loaders, build_loaders, load_arrays, mix_seed
+from .data import DataError, Loaders, build_loaders, load_arrays
+from .dist import Topology, all_gather_objects, arrive, collectives, teardown, together
+from .dist import setup as setup_topology
 from .engine import accuracy, cpu_has_bf16, evaluate, make_autocast, train_one_epoch
-from .errors import REPORTED_BY_LAUNCHER, UserError
-from .grafter import Grafter
+from .grafter import Grafter, network_seed
 from .models import build_model
+from .records import EpochRecord
 from .report import Progress, RunLog
 from .resume import fresh_output_dir, resume
 
@@ -77,14 +78,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def network_seed(seed: int, network: int) -> int:
-    """The seed of network ``network``'s initial weights: a hash of the pair. (seed + network
-    gave network 1 of seed s the weights of network 0 of seed s + 1, so runs with nearby seeds
-    shared a network's start.) Only a fresh start uses it: a resumed run loads its weights."""
-    return mix_seed(seed, network, 2) % 2**32
-
-
-def make_loaders(cfg: Config, topo: ring.Topology) -> Loaders:
+def make_loaders(cfg: Config, topo: Topology) -> Loaders:
     """This network's loaders (``test`` is None unless ``eval_split`` is val: the test set is then
     evaluated once more at the end). Collective over a node's ranks: local rank 0 decodes (and
     caches) the data first, the others then read the cache."""
@@ -95,7 +89,7 @@ def make_loaders(cfg: Config, topo: ring.Topology) -> Loaders:
     if cfg.data.in_memory:
         if topo.local_rank == 0:
             splits = load_arrays(cfg.data)
-        ring.arrive(topo, "data ready")                                          # collective: every rank
+        arrive(topo, "data ready")                                               # collective: every rank
         if topo.local_rank != 0:
             splits = load_arrays(cfg.data)
     loaders = build_loaders(cfg.data, cfg.batch_size, cfg.eval_batch_size, seed=data_seed, device=topo.device,
@@ -123,9 +117,10 @@ class Training:
     loss_fn: Callable
     grafter: Grafter
     grafting: bool            # grafting.enabled, with more than one network
+    per_step: bool            # grafts every k optimizer steps (else at each epoch's end)
 
 
-def setup(cfg: Config, topo: ring.Topology, steps_per_epoch: int) -> Training:
+def setup(cfg: Config, topo: Topology, steps_per_epoch: int) -> Training:
     """Model, optimizer, schedule, AMP, loss and grafter of this rank's network. Collective over
     a network's replicas (DDP broadcasts the model) and, in mutual distillation, nothing more."""
     networks = topo.networks
@@ -148,18 +143,19 @@ def setup(cfg: Config, topo: ring.Topology, steps_per_epoch: int) -> Training:
     if teachers or cfg.distill.mutual:
         logger.info(f"distillation: {len(teachers)} teacher(s){', mutual' if cfg.distill.mutual else ''}, "
                     f"tau {cfg.distill.tau:g}, weight {cfg.distill.weight:g}")
-    g = cfg.grafting
-    grafter = Grafter(level=g.level, A=g.A, c=g.c, bins=g.bins, compat=g.compat, exchange=g.exchange, topology=topo)
-    grafting = g.enabled and networks > 1
+    spec = cfg.grafting.spec()
+    grafter = Grafter(spec, epochs=cfg.epochs, exchange=cfg.grafting.exchange, topology=topo)
+    grafting = cfg.grafting.enabled and networks > 1
     if not grafting:
         why = "one network" if networks == 1 else "grafting.enabled=false"
         logger.info(f"baseline: no grafting ({why}); {networks} network(s) train independently")
     else:
+        logger.info(spec.describe(networks))
         try:  # now, not at the end of the first epoch
             plan = grafter.plan(model)
         except ValueError as e:  # reference mode on a model without the official code's key names
-            raise ConfigError(f"grafting.compat: {g.compat} with model {cfg.model}: {e}") from None
-        alone = plan.convs_without_bn(model.state_dict()) if g.level == "filter" else []
+            raise ConfigError(f"grafting.criterion: {spec.criterion} with model {cfg.model}: {e}") from None
+        alone = plan.convs_without_bn(model.state_dict()) if spec.criterion == "bn_scale" else []
         if alone:
             logger.info(f"filter level: {len(alone)} conv(s) with no BatchNorm after them blend with their "
                         f"layer alpha: {', '.join(alone)}")
@@ -171,46 +167,7 @@ def setup(cfg: Config, topo: ring.Topology, steps_per_epoch: int) -> Training:
     if cfg.compile:
         train_model = torch.compile(train_model)
     return Training(model, train_model, optimizer, scheduler, per_iter, scaler,
-                    make_autocast(cfg.amp, topo.device), loss_fn, grafter, grafting)
-
-
-@dataclass
-class TrainState:
-    """What a resume point restores: the weights, optimizer, schedule, scaler and RNGs, the last
-    completed epoch (-1: none), whether it was grafted, the best evaluated accuracy so far and
-    that epoch's metrics record. ``state_dict`` / ``load_state_dict`` are each other's inverse;
-    the checkpoint adds the format, the network and the setup (checkpoint.save_epoch)."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    device: torch.device
-    epoch: int = -1
-    grafted: bool = False
-    best_acc: float = -1.0
-    record: dict | None = None
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "grafted": self.grafted, "best_acc": self.best_acc, "record": self.record,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "rng": checkpoint.capture_rng(self.device)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.grafted = state["epoch"], state.get("grafted", True)
-        self.best_acc, self.record = state.get("best_acc", -1.0), state.get("record")
-        self.model.load_state_dict(state["model"])  # onto the model's device
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # the curve as configured now:
-            for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs,  # epochs may have grown
-                                      self.scheduler.lr_lambdas):
-                group["lr"] = base * f(self.scheduler.last_epoch)
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_rng(state["rng"])  # CPU tensors, as torch.set_rng_state wants
+                    make_autocast(cfg.amp, topo.device), loss_fn, grafter, grafting, grafting and spec.per_step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,113 +175,104 @@ class TrainState:
 # --------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config, topo: ring.Topology) -> dict | None:
+def run(cfg: Config, topo: Topology, loaders: Loaders) -> dict | None:
     """Train this rank's network for ``cfg.epochs``; returns the run's summary on rank 0."""
-    logger.info(topo.describe())
-    seed_everything(network_seed(cfg.seed, topo.network))  # replicas of one network share it
-    loaders = make_loaders(cfg, topo)                                                   # collective: a node's ranks
-    cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or loaders.num_classes)
     t = setup(cfg, topo, len(loaders.train))                                            # collective: replicas
-    state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, topo.device)
-    resumed = resume(cfg, topo, state) if cfg.resume == "auto" else []                  # collective: every rank
-    out = RunLog(cfg, state.epoch + 1, resumed) if topo.is_main else None
-    if t.grafting and not state.grafted and 0 <= state.epoch < cfg.epochs - 1:  # a run extended after its last epoch
-        late = graft(t, state.epoch)                                                    # collective: every rank
-        logger.info(f"grafted after epoch {state.epoch + 1}: it was the last epoch of the run now extended")
-        state.grafted = True
-        if topo.is_leader:
-            state.record = state.record and {**state.record, **late}  # None: a checkpoint older than records in it
-            records = ring.all_gather_objects(topo, state.record)                       # collective: leaders
-            if topo.is_main:
-                out.grafted_late([r for r in records if r])
-    for epoch in range(state.epoch + 1, cfg.epochs):
+    point = ResumePoint(t.model, t.optimizer, t.scheduler, t.scaler, t.grafter, topo.device)
+    resumed = resume(cfg, topo, point) if cfg.resume == "auto" else []                  # collective: every rank
+    out = RunLog(cfg, point.epoch + 1, resumed) if topo.is_main else None
+    for epoch in range(point.epoch + 1, cfg.epochs):
         start = time.perf_counter()
-        record = {"epoch": epoch, "network": topo.network, "lr": t.optimizer.param_groups[0]["lr"],
-                  **train_epoch(cfg, topo, t, loaders.train, epoch)}                    # collective: replicas
-        ring.arrive(topo, f"epoch {epoch} trained")  # a dead peer is named here        # collective: every rank
+        lr = t.optimizer.param_groups[0]["lr"]
+        record = EpochRecord(epoch, topo.network, lr=lr, split=cfg.data.eval_split)
+        train_epoch(cfg, topo, t, loaders.train, epoch, record)   # collective: replicas (per-step grafts: every rank)
+        arrive(topo, f"epoch {epoch + 1} trained")  # a dead peer is named here          # collective: every rank
         if topo.is_leader:  # each network as trained, before grafting, as the paper reports it
-            record.update(evaluate_network(cfg, topo, t, loaders.eval))                 # collective: leaders (ensemble)
-            keep_if_best(cfg, topo, state, record, epoch)
-        grafted = t.grafting and epoch < cfg.epochs - 1  # the last epoch's weights are the result
-        record.update(graft(t, epoch) if grafted else NOT_GRAFTED)                      # collective: every rank
-        record["epoch_seconds"] = time.perf_counter() - start
-        state.epoch, state.grafted, state.record = epoch, grafted, record
+            evaluate_network(cfg, topo, t, loaders.eval, record)                        # collective: leaders (ensemble)
+            keep_if_best(cfg, topo, point, record)
+        if t.grafting and not t.per_step:
+            result = t.grafter.graft(t.model, epoch=epoch)  # None after the last epoch  # collective: every rank
+            if result is not None:
+                record.add_graft(result)
+        record.epoch_seconds = time.perf_counter() - start
+        point.epoch, point.record = epoch, record
         if topo.is_leader:  # the resume point: grafted weights, ready for the next epoch
-            checkpoint.save_epoch(cfg.output_dir, topo.network, epoch,
-                                  {"setup": cfg.setup(topo.networks), **state.state_dict()})
-            records = ring.all_gather_objects(topo, record)                             # collective: leaders
+            checkpoint.save_epoch(cfg.output_dir, topo.network, cfg.setup(topo.networks), point.state_dict())
+            records = all_gather_objects(topo, record)                                  # collective: leaders
             if topo.is_main:
                 out.epoch(records)
     test = None
     if loaders.test is not None and topo.is_leader:
-        test = final_test(cfg, topo, t, loaders.test)                                   # collective: leaders
+        test = final_test(cfg, topo, t, point, loaders.test)                            # collective: leaders
     return out.finish(test) if out is not None else None
 
 
-def train_epoch(cfg: Config, topo: ring.Topology, t: Training, loader, epoch: int) -> dict:
-    """One epoch of this network's training, with a progress bar on each node's first terminal."""
+def train_epoch(cfg: Config, topo: Topology, t: Training, loader, epoch: int, record: EpochRecord) -> None:
+    """One epoch of this network's training, with a progress bar on each node's first terminal;
+    under a per-step rule the grafts it does go into ``record``."""
     loader.set_epoch(epoch)
     show = cfg.progress and topo.local_rank == 0 and sys.stderr.isatty()
     progress = Progress(show, f"net {topo.network} epoch {epoch + 1}/{cfg.epochs}", len(loader))
-    return train_one_epoch(t.train_model, loader, t.loss_fn, t.optimizer, t.scheduler, t.per_iter, t.scaler,
-                           t.autocast, progress, topo.device, topo.network_group)
+    after_step = None
+    if t.per_step:
+        def after_step():
+            result = t.grafter.step(t.model)                                            # collective: every rank
+            if result is not None:
+                record.add_graft(result)
+    record.add_training(train_one_epoch(t.train_model, loader, t.loss_fn, t.optimizer, t.scheduler, t.per_iter,
+                                        t.scaler, t.autocast, progress, topo.device,
+                                        topo.network_group if topo.replicas > 1 else None, after_step))
 
 
-def evaluate_network(cfg: Config, topo: ring.Topology, t: Training, loader) -> dict:
+def evaluate_network(cfg: Config, topo: Topology, t: Training, loader, record: EpochRecord) -> None:
     """Loss and accuracy on the evaluated split, the ensemble's accuracy and the invalid-filter
-    counts. Collective: leaders."""
-    stats, probs, labels = evaluate(t.model, loader, t.autocast, topo.device, cfg.data.eval_split)
+    counts, into ``record``. Collective: leaders."""
+    stats, probs, labels = evaluate(t.model, loader, t.autocast, topo.device)
     invalid = core.count_invalid_filters(t.model, tuple(cfg.invalid_thresholds))
-    return {**stats, "ensemble_acc": ensemble_accuracy(topo, probs, labels), "filters": invalid["total"],
-            "invalid_filters": {str(thr): n for thr, n in invalid["invalid"].items()}}
+    record.loss, record.acc = stats["loss"], stats["acc"]
+    record.ensemble_acc = ensemble_accuracy(topo, probs, labels)
+    record.filters = invalid["total"]
+    record.invalid_filters = {str(thr): n for thr, n in invalid["invalid"].items()}
 
 
-def keep_if_best(cfg: Config, topo: ring.Topology, state: TrainState, record: dict, epoch: int) -> None:
+def keep_if_best(cfg: Config, topo: Topology, point: ResumePoint, record: EpochRecord) -> None:
     """Model selection on the evaluated split: best.pt holds the best weights so far (leaders)."""
-    split = cfg.data.eval_split
-    if record[f"{split}_acc"] > state.best_acc:
-        state.best_acc = record[f"{split}_acc"]
-        checkpoint.save_best(cfg.output_dir, topo.network, epoch, state.best_acc, split, cfg.setup(topo.networks),
-                             state.model.state_dict())
+    if record.acc > point.best_acc:
+        point.best_acc, point.best_epoch = record.acc, record.epoch
+        checkpoint.save_best(cfg.output_dir, topo.network, record.epoch, record.acc, record.split,
+                             cfg.setup(topo.networks), point.model.state_dict())
 
 
-NOT_GRAFTED = {"peer": None, "graft_seconds": 0.0, "graft_bytes": 0}
-
-
-def graft(t: Training, epoch: int) -> dict:
-    """Graft from the ring peer; the epoch's record entries. Collective: every rank."""
-    result = t.grafter.graft(t.model, epoch=epoch)
-    record = {"peer": result.peer, "graft_seconds": result.seconds, "graft_bytes": result.bytes}
-    if result.report is not None:  # leaders
-        record.update({"mean_alpha": result.mean_alpha, "mean_peer_distance": result.mean_peer_distance,
-                       "graft": result.records(), "entropy_table": result.table.tolist()})
-    return record
-
-
-@ring.collectives()
-def ensemble_accuracy(topo: ring.Topology, probs: torch.Tensor, labels: torch.Tensor) -> float:
+def ensemble_accuracy(topo: Topology, probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Accuracy of the mean of all networks' softmax outputs. Collective: leaders (one all_reduce)."""
-    if topo.distributed:
+    if topo.distributed and topo.networks > 1:
         probs = probs.clone()
-        torch.distributed.all_reduce(probs, group=topo.leader_group)
+        with collectives():
+            torch.distributed.all_reduce(probs, group=topo.leader_group)
     return accuracy(probs, labels)
 
 
 @torch.no_grad()
-def final_test(cfg: Config, topo: ring.Topology, t: Training, loader) -> dict | None:
+def final_test(cfg: Config, topo: Topology, t: Training, point: ResumePoint, loader) -> dict | None:
     """The test set, once, at the end of a run that selected on validation (``eval_split: val``):
     the final weights and the best-validation weights (best.pt), each network and the ensemble.
     Collective: leaders. Returns the result on rank 0, None elsewhere."""
     final, probs, labels = evaluate(t.model, loader, t.autocast, topo.device)
-    with ring.together(topo, "evaluate its best-validation weights", leaders_only=True):  # collective: leaders
-        best = checkpoint.load(checkpoint.network_dir(cfg.output_dir, topo.network) / "best.pt")
+    with together(topo, "evaluate its best-validation weights", leaders_only=True):     # collective: leaders
+        path = checkpoint.network_dir(cfg.output_dir, topo.network) / "best.pt"
+        best = checkpoint.load(path)
+        if point.best_epoch >= 0 and best["epoch"] != point.best_epoch:
+            raise checkpoint.CheckpointError(
+                f"{path}: holds epoch {best['epoch'] + 1}, but the validation records say epoch "
+                f"{point.best_epoch + 1} was best; the summary would describe other weights than it tests. "
+                "Restore the best.pt of that epoch, or evaluate with graft-eval")
     t.model.load_state_dict(best["model"])  # the run is over: the final weights are in their checkpoint
     chosen, best_probs, _ = evaluate(t.model, loader, t.autocast, topo.device)
-    mine = {"network": topo.network, "final_test_acc": final["test_acc"], "best_val_epoch": best["epoch"],
-            "best_val_acc": best.get("acc", best.get("test_acc")), "best_val_test_acc": chosen["test_acc"]}
+    mine = {"network": topo.network, "final_test_acc": final["acc"], "best_val_epoch": best["epoch"],
+            "best_val_acc": best.get("acc"), "best_val_test_acc": chosen["acc"]}
     ensemble = {"ensemble_final_test_acc": ensemble_accuracy(topo, probs, labels),
                 "ensemble_best_val_test_acc": ensemble_accuracy(topo, best_probs, labels)}
-    everyone = ring.all_gather_objects(topo, mine)
+    everyone = all_gather_objects(topo, mine)
     if not topo.is_main:
         return None
     return {"networks": {str(r["network"]): r for r in everyone}, **ensemble}
@@ -333,32 +281,6 @@ def final_test(cfg: Config, topo: ring.Topology, t: Training, loader) -> dict | 
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
-
-class Stop(UserError):
-    """SIGTERM / SIGINT: stop between steps; the last complete checkpoint stays intact."""
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def how_to_resume(cfg: Config) -> str:
-    """What a stopped run tells its user. Under resume=never the same command would not resume
-    but start afresh beside it, so the hint names the directory (fresh_output_dir's choice)."""
-    if cfg.resume == "never":
-        return f"to resume it, rerun with output_dir={shlex.quote(cfg.output_dir)} resume=auto"
-    return "rerun the same command to resume"
-
-
-def _install_signal_handlers(resume_hint: str) -> dict:
-    """Turn SIGTERM and SIGINT into Stop; returns the handlers they had."""
-    def handler(signum, _frame):
-        # Under srun a worker gets SIGTERM twice (from slurmstepd, then from torchrun's agent):
-        # the second must not interrupt the first's clean stop.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Stop(f"received {signal.Signals(signum).name}: stopped; the last complete checkpoint "
-                   f"is intact, {resume_hint}")
-    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -378,27 +300,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def report_error(e: BaseException, topo: ring.Topology | None) -> None:
-    """Say ``graft: error: ...`` in one line. A config error is the same on every rank: rank 0
-    says it. Under torchrun the line also goes into the error file torchrun gives each worker,
-    where its failure summary and graft-run find it; under graft-run only there (see errors.py)."""
-    rank = topo.rank if topo is not None else int(os.environ.get("RANK", "0"))
-    named = isinstance(e, (ConfigError, ring.PeerTimeout, ring.GraftError, ring.PeerFailed))  # names the rank
-    where = f"rank {topo.rank} (network {topo.network}): " if topo and topo.distributed and not named else ""
-    line = f"graft: error: {where}{e}"
-    recorded = False
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        try:
-            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
-            recorded = True
-        except OSError:
-            pass
-    if (recorded and os.environ.get(REPORTED_BY_LAUNCHER) == "1") or (isinstance(e, ConfigError) and rank != 0):
-        return
-    print(line, file=sys.stderr, flush=True)
-
-
 def main(argv=None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):  # epoch by epoch into a file too (nohup, a Slurm log)
         sys.stdout.reconfigure(line_buffering=True)
@@ -410,16 +311,23 @@ def main(argv=None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        topo = ring.setup(cfg.data_parallel, cfg.backend, cfg.device, cfg.timeout)
+        topo = setup_topology(cfg.data_parallel, cfg.backend, cfg.device, cfg.timeout)
         log.setup(topo.rank, topo.world)
         cfg = fresh_output_dir(cfg, topo)                                           # collective: every rank
-        handlers = _install_signal_handlers(how_to_resume(cfg))
-        run(cfg, topo)
-        ring.arrive(topo, "end of run")  # nobody tears the group down under a peer still logging
+        handlers = cli.install_signal_handlers(cfg.output_dir, cfg.resume)
+        logger.info(topo.describe())
+        seed_everything(network_seed(cfg.seed, topo.network))  # replicas of one network share it
+        loaders = make_loaders(cfg, topo)                                           # collective: a node's ranks
+        cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or loaders.num_classes)
+        run(cfg, topo, loaders)
+        arrive(topo, "end of run")  # nobody tears the group down under a peer still logging
         finished = True
         return 0
-    except (UserError, OSError) as e:  # the file system's own errors name their file
-        report_error(e, topo)
+    except Exception as e:
+        if not cli.is_user_error(e):
+            raise
+        rank = topo.rank if topo is not None else int(os.environ.get("RANK", "0"))
+        cli.report_error(e, rank, topo.network if topo else None, bool(topo and topo.distributed))
         return 1
     finally:
         for s in handlers:  # a late signal (torchrun passes one on) must not interrupt the teardown
@@ -427,9 +335,8 @@ def main(argv=None) -> int:
         # After an error too on gloo, whose live group aborts the interpreter's exit; NCCL's is
         # left to the process exit, as destroying it could wait on a collective a dead peer never joins.
         if topo is not None and (finished or topo.backend == "gloo"):
-            ring.teardown(topo)
-        for s, previous in handlers.items():
-            signal.signal(s, previous)
+            teardown(topo)
+        cli.restore_signal_handlers(handlers)
 
 
 if __name__ == "__main__":

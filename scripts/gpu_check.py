@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import machine  # noqa: E402
+from graft import checkpoint  # noqa: E402
 
 FIXTURE = "tests/fixtures/cifar10_sample.tar.gz"
 CHECKS = ("unit", "two_networks", "fp16", "bf16", "compile", "hybrid", "resume", "throughput", "graft_step")
@@ -200,7 +201,7 @@ def check_resume(setup: Setup) -> str:
     name, epochs = "resume", setup.epochs + 2  # epochs left to train when the kill lands
     out = setup.work / name
     shutil.rmtree(out, ignore_errors=True)
-    first = [out / "checkpoints" / f"net{k}" / "epoch0000.pt" for k in (0, 1)]
+    first = [checkpoint.epoch_path(out, k, 0) for k in (0, 1)]
     log = setup.work / f"{name}-killed.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(launcher(setup, out, 2, [f"epochs={epochs}"]), cwd=ROOT, stdout=f,

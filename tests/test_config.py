@@ -19,7 +19,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     path = write(tmp_path, "epochs: 3\noptim:\n  lr: 0.2\ngrafting:\n  level: filter\n")
     cfg = load_config(path, ["optim.lr=0.05", "grafting.enabled=false", "seed=7", "invalid_thresholds=[0.5]"])
     assert cfg.epochs == 3 and cfg.optim.lr == 0.05 and cfg.grafting.enabled is False
-    assert cfg.grafting.level == "filter" and cfg.seed == 7 and cfg.invalid_thresholds == [0.5]
+    assert cfg.grafting.criterion == "bn_scale" and cfg.seed == 7 and cfg.invalid_thresholds == [0.5]  # level: filter
     assert cfg.optim.momentum == Config().optim.momentum
     assert isinstance(load_config(path, ["grafting.c=100"]).grafting.c, float)
     assert load_config(write(tmp_path, "optim:\n  weight_decay: 5e-4\n", "e.yaml")).optim.weight_decay == 5e-4
@@ -34,7 +34,14 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("optim:\n  lrr: 0.1\n", r"unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
     ("epochs: three\n", r"epochs: expected int, got 'three'"),
     ("grafting:\n  enabled: 1\n", r"grafting.enabled: expected bool"),
-    ("grafting:\n  level: block\n", r"grafting.level: must be one of layer, filter"),
+    ("grafting:\n  level: block\n", r"grafting.level: must be one of layer, filter; got 'block' \(grafting.criterion"),
+    ("grafting:\n  criterion: entropyy\n",
+     r"grafting.criterion: must be one of entropy, reference, bn_scale, l1, constant"),
+    ("grafting:\n  criterion: l1\n  level: filter\n", r"grafting.level=filter .* contradicts grafting.criterion=l1"),
+    ("grafting:\n  rule: papa\n  criterion: entropy\n",
+     r"grafting.criterion: grafting.rule=papa sets it to 'constant'"),
+    ("grafting:\n  criterion: reference\n  partner: population\n", r"grafting.criterion: 'reference' reproduces"),
+    ("grafting:\n  alpha: 1.5\n", r"grafting.alpha: must be in \[0, 1\]"),
     ("optim: 0.1\n", r"optim: expected a mapping"),
     ("epochs: [1\n", r"c.yaml: not valid YAML \(line"),
     ("- 1\n- 2\n", r"expected a mapping of keys at the top level"),
@@ -161,9 +168,9 @@ def test_print_config_round_trips_and_starts_nothing(tmp_path, capsys):
     from graft.train import main
 
     path = ROOT / "configs" / "cifar10" / "resnet32_graft_difflr.yaml"
-    assert main(["--print-config", "--config", str(path), "epochs=3", "grafting.level=filter"]) == 0
+    assert main(["--print-config", "--config", str(path), "epochs=3", "grafting.rule=papa"]) == 0
     printed = write(tmp_path, capsys.readouterr().out, "printed.yaml")
-    assert load_config(printed) == load_config(path, ["epochs=3", "grafting.level=filter"])
+    assert load_config(printed) == load_config(path, ["epochs=3", "grafting.rule=papa"])
     assert main(["--print-config", "optim.lrr=1"]) == 1
     assert "unknown key 'optim.lrr'" in capsys.readouterr().err
 
@@ -178,3 +185,36 @@ def test_docs_config_table_is_the_schema():
         "docs/config.md is stale: regenerate its table with "
         "python -c 'from graft.config import reference_markdown; print(reference_markdown())'")
     assert table.count("\n| `") == len(_flatten(Config().to_dict()))  # every key has a row
+
+
+def test_older_level_and_compat_keys_read_as_the_criterion(tmp_path):
+    """Configs and archived runs written before grafting.criterion still load, as what they meant."""
+    for text, want in [("  level: filter\n", "bn_scale"), ("  compat: reference\n", "reference"),
+                       ("  level: layer\n  compat: default\n", "entropy")]:
+        assert load_config(write(tmp_path, "grafting:\n" + text)).grafting.criterion == want, text
+    path = write(tmp_path, "grafting:\n  criterion: bn_scale\n")
+    assert load_config(path, ["grafting.level=layer"]).grafting.criterion == "entropy"
+    assert load_config(path, ["grafting.level=filter"]).grafting.criterion == "bn_scale"
+    with pytest.raises(ConfigError, match="command line: grafting.compat=reference .* contradicts grafting.criterion"):
+        load_config(path, ["grafting.compat=reference"])
+    # A checkpoint's setup from before: level/compat compare as the criterion they meant.
+    from graft.config import setup_differences
+
+    now = Config().setup(2)
+    old = {k: v for k, v in now.items() if k != "grafting.criterion"}
+    assert setup_differences({**old, "grafting.level": "layer", "grafting.compat": "default"}, now) == []
+    was = setup_differences({**old, "grafting.level": "filter"}, now)
+    assert was == [("grafting.criterion", "bn_scale", "entropy")]
+
+
+def test_a_rule_sets_its_keys_and_refuses_a_contradiction(tmp_path):
+    cfg = load_config(None, ["grafting.rule=papa"])
+    assert (cfg.grafting.criterion, cfg.grafting.partner, cfg.grafting.every_steps, cfg.grafting.alpha) == (
+        "constant", "population", 10, 0.99)
+    assert cfg.grafting.spec().per_step
+    # A rule on the command line wins over the file's keys; a key given beside it on the command line does not.
+    path = write(tmp_path, "grafting:\n  criterion: entropy\n")
+    assert load_config(path, ["grafting.rule=papa"]).grafting.criterion == "constant"
+    with pytest.raises(ConfigError, match="command line: grafting.alpha: grafting.rule=papa sets it to 0.99; got 0.5"):
+        load_config(path, ["grafting.rule=papa", "grafting.alpha=0.5"])
+    assert load_config(None, ["grafting.rule=papa", "grafting.alpha=0.99"]).grafting.alpha == 0.99

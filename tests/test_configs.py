@@ -70,8 +70,8 @@ def test_names_match_contents(loaded):
                 assert cfg.model == "resnet32", where
                 assert getattr(cfg.grafting, m[1]) == float(m[2]), where
             else:
-                level = name.removeprefix("vgg16_")
-                assert cfg.model == "vgg16_bn" and cfg.grafting.level == level, where
+                criterion = {"layer": "entropy", "filter": "bn_scale"}[name.removeprefix("vgg16_")]
+                assert cfg.model == "vgg16_bn" and cfg.grafting.criterion == criterion, where
         if folder == "imagenet":
             assert cfg.model == "tv:" + name.removesuffix("_cosine"), where
             assert cfg.optim.schedule == ("cosine" if name.endswith("_cosine") else "step"), where

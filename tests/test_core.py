@@ -160,7 +160,7 @@ def test_reference_alpha_matches_official_where_a_last_bit_matters():
     # terms (instead of the official one-by-one subtraction) moved the rounded alpha 0.48 -> 0.49.
     key = "layers.10.conv2.weight"
     a, b = (seeded_model("mobilenetv2", s).state_dict()[key] for s in (1, 101))
-    _, report = graft_state_dict({key: a}, {key: b}, compat="reference")
+    _, report = graft_state_dict({key: a}, {key: b}, criterion="reference")
     assert report.layers[0].alpha == official_alpha(official_entropy(a), official_entropy(b))
 
 
@@ -205,10 +205,10 @@ def tiny_states(model="resnet20", seeds=(0, 1)):
     return states
 
 
-@pytest.mark.parametrize("level", ["layer", "filter"])
-def test_graft_with_itself_is_identity(level):
+@pytest.mark.parametrize("criterion", ["entropy", "bn_scale", "l1", "constant"])
+def test_graft_with_itself_is_identity(criterion):
     own, _ = tiny_states()
-    new, report = graft_state_dict(own, own, level=level)
+    new, report = graft_state_dict(own, own, criterion=criterion)
     for k in own:
         assert torch.equal(new[k], own[k]), k
     assert all(r.alpha == 0.5 for r in report.layers)
@@ -225,9 +225,8 @@ def test_two_network_ring_gives_identical_states():
 def test_inputs_are_not_mutated():
     a, b = tiny_states()
     copies = [{k: v.clone() for k, v in s.items()} for s in (a, b)]
-    for level in ("layer", "filter"):
-        graft_state_dict(a, b, level=level)
-    graft_state_dict(a, b, compat="reference")
+    for criterion in ("entropy", "bn_scale", "reference", "l1", "constant"):
+        graft_state_dict(a, b, criterion=criterion)
     for s, c in zip((a, b), copies):
         assert all(torch.equal(s[k], c[k]) for k in s)
 
@@ -239,15 +238,15 @@ def test_layer_level_blends_conv_bn_and_classifier_with_their_alpha():
     assert set(by_layer) == {k for k, t in a.items() if t.dim() >= 2}
     for conv, bn in [("conv1.weight", "bn1"), ("layer2.0.conv2.weight", "layer2.0.bn2")]:
         r = by_layer[conv]
-        assert r.entropy_self == pytest.approx(weight_entropy(a[conv]).item())
-        assert r.entropy_peer == pytest.approx(weight_entropy(b[conv]).item())
-        alpha = adaptive_weight(r.entropy_self, r.entropy_peer, 0.4, 500)
+        assert r.score_self == pytest.approx(weight_entropy(a[conv]).item())
+        assert r.score_peer == pytest.approx(weight_entropy(b[conv]).item())
+        alpha = adaptive_weight(r.score_self, r.score_peer, 0.4, 500)
         assert r.alpha == pytest.approx(alpha)
         for key in [conv] + [f"{bn}.{n}" for n in ("weight", "bias", "running_mean", "running_var")]:
             torch.testing.assert_close(new[key], alpha * a[key] + (1 - alpha) * b[key])
         assert torch.equal(new[f"{bn}.num_batches_tracked"], a[f"{bn}.num_batches_tracked"])
     r = by_layer["linear.weight"]
-    alpha = adaptive_weight(r.entropy_self, r.entropy_peer)
+    alpha = adaptive_weight(r.score_self, r.score_peer)
     torch.testing.assert_close(new["linear.bias"], alpha * a["linear.bias"] + (1 - alpha) * b["linear.bias"])
 
 
@@ -271,7 +270,7 @@ def test_reference_mode_matches_official_restatement():
         if "conv" in key:
             w = official_alpha(official_entropy(u), official_entropy(b[key]), A, c)
         expected[key] = (u * w + b[key] * (1 - w)).to(u.dtype)
-    new, report = graft_state_dict(a, b, A=A, c=c, compat="reference")
+    new, report = graft_state_dict(a, b, A=A, c=c, criterion="reference")
     for key in a:
         assert torch.equal(new[key], expected[key]), key
     assert all(round(r.alpha, 2) == r.alpha for r in report.layers)
@@ -281,7 +280,7 @@ def test_reference_mode_matches_official_restatement():
 def test_reference_mode_needs_a_conv_key_first():
     state = {"fc.weight": torch.randn(2, 2), "conv.weight": torch.randn(2, 2, 1, 1)}
     with pytest.raises(ValueError, match="reference"):
-        graft_state_dict(state, state, compat="reference")
+        graft_state_dict(state, state, criterion="reference")
 
 
 class ConvBNConv(nn.Module):
@@ -300,7 +299,7 @@ def test_filter_level_blends_exactly_the_right_channels():
     b["bn1.weight"] = torch.tensor([3.0, 0.0, 1.0])
     a["bn1.running_mean"], b["bn1.running_mean"] = torch.randn(3), torch.randn(3)
     alpha = torch.tensor([0.25, 0.5, 0.75])  # |a|/(|a|+|b|), 0/0 -> 0.5
-    new, report = graft_state_dict(a, b, level="filter")
+    new, report = graft_state_dict(a, b, criterion="bn_scale")
     for key in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"):
         torch.testing.assert_close(new[key], alpha * a[key] + (1 - alpha) * b[key])
     out = alpha.view(3, 1, 1, 1)
@@ -308,7 +307,7 @@ def test_filter_level_blends_exactly_the_right_channels():
     # conv2 has no BN after it: layer alpha on its outputs, times the BN's alpha on its inputs.
     assert report.fallbacks == ["conv2.weight"]
     r = {r.layer: r for r in report.layers}["conv2.weight"]
-    keep = adaptive_weight(r.entropy_self, r.entropy_peer) * alpha.view(1, 3, 1, 1)
+    keep = adaptive_weight(r.score_self, r.score_peer) * alpha.view(1, 3, 1, 1)
     torch.testing.assert_close(new["conv2.weight"], keep * a["conv2.weight"] + (1 - keep) * b["conv2.weight"])
 
 
@@ -316,10 +315,10 @@ def test_filter_level_with_a_bn_without_affine_parameters():
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 3, 1))  # noqa: E731
     a, b = make().state_dict(), make().state_dict()
-    new, report = graft_state_dict(a, b, level="filter")
+    new, report = graft_state_dict(a, b, criterion="bn_scale")
     assert report.fallbacks == ["0.weight", "2.weight"]  # no gamma to weigh filters by
     r = {r.layer: r for r in report.layers}["0.weight"]
-    alpha = adaptive_weight(r.entropy_self, r.entropy_peer)
+    alpha = adaptive_weight(r.score_self, r.score_peer)
     for key in ("0.weight", "1.running_mean"):  # the BN's statistics follow the conv's alpha
         torch.testing.assert_close(new[key], alpha * a[key] + (1 - alpha) * b[key])
 
@@ -413,14 +412,14 @@ def test_mismatched_peer_names_first_bad_key():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("side", ["own", "peer"])
 @pytest.mark.parametrize("key", ["layer3.1.conv2.weight", "layer2.0.bn1.running_var", "linear.bias"])
-@pytest.mark.parametrize("compat", ["default", "reference"])
-def test_non_finite_weights_name_the_layer(bad, side, key, compat):
+@pytest.mark.parametrize("criterion", ["entropy", "reference", "l1", "constant"])
+def test_non_finite_weights_name_the_layer(bad, side, key, criterion):
     a, b = tiny_states()
     state = a if side == "own" else b
     state[key] = state[key].clone()
     state[key].view(-1)[-1] = bad
     with pytest.raises(ValueError, match=f"{side} state: NaN or Inf in '{key}'"):
-        graft_state_dict(a, b, compat=compat)
+        graft_state_dict(a, b, criterion=criterion)
 
 
 # ------------------------------------------------------------------------------ invalid filters

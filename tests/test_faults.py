@@ -1,6 +1,5 @@
 """Faults and bad input: kill and resume bit for bit, torchrun restarts, SIGTERM, damaged files."""
 
-import errno
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from graft import checkpoint
-from helpers import ROOT, env
+from helpers import ROOT, env, fill, small_disk
 
 ARGS = ["model=resnet8", "epochs=3", "batch_size=50", "data.train_subset=200", "data.test_subset=100",
         "progress=false", "optim.schedule=cosine"]
@@ -202,7 +201,7 @@ def test_extending_a_finished_run_follows_the_longer_schedule(reference, tmp_pat
     proc = run(out)  # epochs=3 now
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming after epoch 2/3" in proc.stdout
-    assert "grafted after epoch 2: it was the last epoch of the run now extended" in proc.stdout
+    assert "grafting after epoch 2: it ended the run that is now extended" in proc.stdout
     # That late graft is in epoch 2's records (which came back from the checkpoints), as any other graft.
     late = [r for r in records(out) if r["epoch"] == 1]
     assert sorted(r["network"] for r in late) == [0, 1]
@@ -215,13 +214,12 @@ def test_extending_a_finished_run_follows_the_longer_schedule(reference, tmp_pat
 
 
 def test_epoch_files_pruning_best_set_aside_and_file_mode(tmp_path):
-    payload = {"model": {}}
     for epoch in (5, 6):  # left by a run that later resumed after epoch 2
-        checkpoint.save_epoch(tmp_path, 0, epoch, payload)
-    partial = checkpoint.network_dir(tmp_path, 0) / ".epoch0007.pt.abc.tmp"  # a save that was killed
+        checkpoint.save_epoch(tmp_path, 0, {}, {"epoch": epoch, "model": {}})
+    partial = checkpoint.network_dir(tmp_path, 0) / ".epoch0008.pt.abc.tmp"  # a save that was killed
     partial.write_bytes(b"x")
     for epoch in (1, 2, 3):
-        checkpoint.save_epoch(tmp_path, 0, epoch, payload)
+        checkpoint.save_epoch(tmp_path, 0, {}, {"epoch": epoch, "model": {}})
     assert [e for e, _ in checkpoint.epoch_files(tmp_path, 0)] == [2, 3, 5, 6]
     assert not partial.exists()
     path = checkpoint.epoch_path(tmp_path, 0, 3)
@@ -230,11 +228,11 @@ def test_epoch_files_pruning_best_set_aside_and_file_mode(tmp_path):
     checkpoint.save_best(tmp_path, 0, 5, 50.0, "test", {}, {})
     assert checkpoint.set_aside_best_after(tmp_path, 0, 5) is None  # not after: kept
     stale = checkpoint.set_aside_best_after(tmp_path, 0, 3)
-    assert stale.name == "best.epoch0005.stale.pt" and checkpoint.load(stale)["acc"] == 50.0
+    assert stale.name == "best.epoch0006.stale.pt" and checkpoint.load(stale)["acc"] == 50.0
     best = checkpoint.load(checkpoint.network_dir(tmp_path, 0) / "best.pt")  # the one before it is back
     assert (best["epoch"], best["acc"]) == (1, 40.0)
     removed = checkpoint.remove_epochs_after(tmp_path, 0, 3)
-    assert [p.name for p in removed] == ["epoch0005.pt", "epoch0006.pt"]
+    assert [p.name for p in removed] == ["epoch0006.pt", "epoch0007.pt"]  # file names count epochs from 1
     assert [e for e, _ in checkpoint.epoch_files(tmp_path, 0)] == [2, 3]
 
 
@@ -261,19 +259,18 @@ def test_missing_data_is_one_clear_line(tmp_path):
     assert f"graft: error: data.root: no such file: {tmp_path}/nope.tar.gz" in proc.stderr
 
 
-def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    checkpoint.atomic_save({"format": checkpoint.FORMAT, "v": 1}, path)
-
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", no_space)
-    with pytest.raises(checkpoint.CheckpointError, match="disk full.*previous one is intact"):
-        checkpoint.atomic_save({"format": checkpoint.FORMAT, "v": 2}, path)
-    monkeypatch.undo()
-    assert checkpoint.load(path)["v"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    """On a real full file system (torch.save's zip writer turns ENOSPC into an opaque RuntimeError
+    there): one CheckpointError naming the file, the previous checkpoint intact, no temporary file."""
+    with small_disk(tmp_path / "disk") as disk:
+        path = disk / "ckpt.pt"
+        checkpoint.atomic_save({"format": checkpoint.FORMAT, "model": {}, "v": torch.zeros(1000)}, path)
+        fill(disk)
+        with pytest.raises(checkpoint.CheckpointError, match=f"^{path}: cannot write the checkpoint \\(disk full\\); "
+                                                            "the previous one is intact$"):
+            checkpoint.atomic_save({"format": checkpoint.FORMAT, "model": {}, "v": torch.ones(1000)}, path)
+        assert bool((checkpoint.load(path)["v"] == 0).all())
+        assert sorted(p.name for p in disk.iterdir()) == [".filler", "ckpt.pt"]
 
 
 def test_foreign_file_is_not_a_checkpoint(tmp_path):

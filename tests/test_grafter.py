@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import graft
 from graft import core
+from graft.errors import GraftError
 from graft.grafter import unwrap
 from helpers import ROOT, torchrun
 from workers.grafter_worker import Freely, make_model
@@ -26,7 +27,7 @@ def run_worker(tmp_path, nproc, mode):
 
 def assert_grafted(after, own, peer, plan):
     """The grafted weights are graft_state_dict of the two pre-graft states, bit for bit."""
-    expected, _ = core.graft_state_dict(own, peer, plan=plan)
+    expected, _ = graft.graft_state_dict(own, peer, plan=plan)
     assert after.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(after[key], expected[key], rtol=0, atol=0)
@@ -66,29 +67,61 @@ def test_unwrap_reaches_the_weights_inside_compile_and_data_parallel():
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(level="filters"), "level must be one of"),
+    (dict(criterion="filters"), "criterion: must be one of entropy, reference, bn_scale, l1, constant"),
+    (dict(level="filter"), r"level: replaced by criterion \(level='filter' is criterion='bn_scale'"),
     (dict(exchange="allgather"), "exchange must be one of"),
-    (dict(A=2.0), r"A must be in \[0, 1\]"),
-    (dict(bins=1), "bins must be an integer >= 2"),
-    (dict(every_steps=-1), "every_steps must be an integer >= 0"),
-    (dict(compat="reference", level="filter"), "compat must be 'default' with level='filter'"),
+    (dict(A=2.0), r"A: must be in \[0, 1\]"),
+    (dict(c=float("inf")), "c: must be a finite number; got inf"),
+    (dict(A=float("nan")), "A: must be a finite number; got nan"),
+    (dict(bins=1), "bins: must be >= 2"),
+    (dict(every_steps=-1), "every_steps: must be >= 0"),
+    (dict(rule="papa", alpha=0.5), "alpha: rule papa sets alpha=0.99; got 0.5"),
+    (dict(criterion="reference", partner="population"), "criterion: 'reference' reproduces the official code"),
+    (dict(timeout=float("inf")), "timeout must be a finite number of seconds > 0"),
+    (dict(epochs=0), "epochs must be None or an integer >= 1"),
 ])
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=f"^Grafter: {message}"):
         graft.Grafter(**options)
 
 
-def test_one_process_grafts_with_itself_which_changes_nothing(monkeypatch):
+def test_one_process_has_no_partner_and_says_so(monkeypatch, caplog):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     grafter = graft.Grafter()
     model = make_model(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = grafter.graft(model)
+    with caplog.at_level("WARNING", logger="graft"):
+        assert grafter.graft(model) is None and grafter.graft(model) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert result.peer == 0 and result.bytes == 0 and result.mean_alpha == 0.5 and result.mean_peer_distance == 0
+    warnings = [r.getMessage() for r in caplog.records if "no partner" in r.getMessage()]
+    assert len(warnings) == 1 and "world of one network" in warnings[0]  # once
     with pytest.raises(ValueError, match="every_steps=k"):
         grafter.step(model)
+
+
+def test_the_last_epoch_is_not_grafted_and_an_extended_run_grafts_it_late(monkeypatch):
+    """Grafter(epochs=E) skips the graft after epoch E-1, as graft's trainer does; its state in a
+    checkpoint says so, and a longer run resumed from it owes that graft."""
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    grafter = graft.Grafter(epochs=3)
+    calls = []
+    monkeypatch.setattr(grafter, "_graft", lambda model, when: calls.append(when) or "done")
+    model = make_model(0)
+    assert [grafter.graft(model) for _ in range(3)] == ["done", "done", None]
+    assert calls == ["epoch 1", "epoch 2"]
+    state = grafter.state_dict()
+    assert (state["epoch"], state["grafted"], state["grafts"]) == (2, False, 0)
+    longer = graft.Grafter(epochs=5)
+    monkeypatch.setattr(longer, "_graft", lambda model, when: calls.append(when) or "late")
+    longer.load_state_dict(state)
+    assert longer.resume(model) == "late" and calls[-1] == "epoch 3" and longer.resume(model) is None
+    same = graft.Grafter(epochs=3)
+    same.load_state_dict(state)
+    assert same.resume(model) is None  # the run is as long as before: nothing owed
+    with pytest.raises(GraftError, match=r"other settings \(A: 0.3 here, 0.4 there"):
+        graft.Grafter(A=0.3).load_state_dict(state)
 
 
 # ------------------------------------------------------------------------------ under torchrun
@@ -140,8 +173,8 @@ def test_grafter_every_k_optimizer_steps(tmp_path):
 def test_networks_of_other_architectures_are_refused_before_blending(tmp_path):
     proc = torchrun(2, WORKER, tmp_path, "mismatch")
     assert proc.returncode != 0
-    assert "graft 0: network(s) [1] hold a model with other keys, shapes or dtypes" in proc.stderr
-    assert "graft 0: network(s) [0] hold a model with other keys, shapes or dtypes" in proc.stderr
+    assert "epoch 1: network(s) [1] hold a model with other keys, shapes or dtypes" in proc.stderr
+    assert "epoch 1: network(s) [0] hold a model with other keys, shapes or dtypes" in proc.stderr
 
 
 # ------------------------------------------------------------------------------ example, launcher

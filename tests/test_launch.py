@@ -10,13 +10,13 @@ import time
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from graft import checkpoint, launch, ring
+from graft import checkpoint, launch
 from graft.errors import REPORTED_BY_LAUNCHER
 from helpers import ROOT, env, torchrun
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 FIXTURE = ROOT / "tests" / "fixtures" / "cifar10_sample.tar.gz"
-STOPPED = "graft: stopped by {}: the workers stopped between steps and the last complete checkpoint is intact; {}"
+STOPPED = "graft: stopped by {}: the workers stopped between steps; the last complete checkpoint is intact; {}"
 RERUN = "rerun the same command to resume"
 
 
@@ -125,22 +125,25 @@ def test_failure_lines_are_distinct_and_say_how_each_worker_ended(tmp_path):
 def test_how_a_worker_reports_an_error(tmp_path, monkeypatch, capsys):
     """One line. A config error is the same on every rank: rank 0 says it. Under torchrun the line
     also goes into the worker's error file; under graft-run only there (graft-run prints it)."""
-    from graft.config import ConfigError
-    from graft.train import report_error
+    from graft.cli import report_error
+    from graft.errors import ConfigError, PeerFailed, PeerTimeout
 
     error_file = tmp_path / "error.json"
-    topo = ring.Topology(rank=1, world=2)
-    monkeypatch.setenv("RANK", "1")
-    report_error(ConfigError("command line: epochs: expected int, got 'abc'"), None)
-    report_error(checkpoint.CheckpointError("x.pt: unreadable checkpoint"), topo)
+    report_error(ConfigError("command line: epochs: expected int, got 'abc'"), 1)
+    report_error(checkpoint.CheckpointError("x.pt: unreadable checkpoint"), 1, 1, distributed=True)
     assert capsys.readouterr().err == "graft: error: rank 1 (network 1): x.pt: unreadable checkpoint\n"
+    # Another rank's failure is said once, by the lowest rank that did not fail, with its reason.
+    failed = PeerFailed("network 1 (rank 1) cannot resume: x.pt: unreadable", failed_rank=1)
+    for rank in (0, 2, 3):
+        report_error(failed, rank, rank, distributed=True)
+    assert capsys.readouterr().err == "graft: error: network 1 (rank 1) cannot resume: x.pt: unreadable\n"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
-    report_error(ConfigError("command line: epochs: expected int, got 'abc'"), None)
+    report_error(ConfigError("command line: epochs: expected int, got 'abc'"), 1)
     assert capsys.readouterr().err == ""
     line = json.loads(error_file.read_text())["message"]
     assert line == "graft: error: command line: epochs: expected int, got 'abc'"
     monkeypatch.setenv("GRAFT_RUN", "1")
-    report_error(ring.PeerTimeout("rank 1: network 0 (rank 0) did not arrive"), topo)
+    report_error(PeerTimeout("rank 1: network 0 (rank 0) did not arrive"), 1, 1, distributed=True)
     assert capsys.readouterr().err == ""
     assert json.loads(error_file.read_text())["message"] == "graft: error: rank 1: network 0 (rank 0) did not arrive"
 
@@ -156,7 +159,8 @@ def test_a_worker_error_is_printed_once_without_a_traceback(tmp_path):
 def test_a_run_through_graft_run(tmp_path):
     proc = graft_run("--standalone", "--nproc_per_node=2", "--max-restarts=0", "--config", QUICKSTART, *tiny(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ring: 0 -> 1 -> 0 (network k grafts from k-1)" in proc.stdout
+    assert ("grafting: entropy, A 0.4, c 500, 10 bins, from ring peer k-1 (0 -> 1 -> 0), at each epoch's end"
+            in proc.stdout)
     assert "summary (test accuracy, %)" in proc.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["network"] for r in records) == [0, 1]
@@ -228,8 +232,8 @@ def test_under_torchrun_a_waiting_rank_stops_on_sigterm(tmp_path):
     assert error_lines(proc.stderr) == [
         f"graft: error: rank 0 (network 0): data.root: no such file: {tmp_path}/nope.tar.gz (expected a .tar.gz of "
         "train/ and test/ ImageFolder trees)",
-        "graft: error: rank 1 (network 1): received SIGTERM: stopped; the last complete checkpoint is intact, "
-        "rerun the same command to resume"]
+        "graft: error: rank 1 (network 1): received SIGTERM: stopped between steps; it stopped before its first "
+        "checkpoint: nothing to resume"]
 
 
 def test_output_is_line_buffered_into_a_file(tmp_path):

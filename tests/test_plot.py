@@ -40,21 +40,54 @@ def test_the_arrays_are_the_records(tmp_path):
     assert list(run.epochs) == [1, 2, 3] and run.networks == 2 and run.layers == LAYERS
     for r in records:
         n, e = r["network"], r["epoch"]
-        assert run.test_acc[n, e] == r["test_acc"] and run.lr[n, e] == r["lr"]
+        assert run.acc[n, e] == r["test_acc"] and run.lr[n, e] == r["lr"]
         assert run.invalid["0.1"][n, e] == r["invalid_filters"]["0.1"]
         assert run.ensemble_acc[e] == r["ensemble_acc"]
         for i, g in enumerate(r.get("graft", [])):
-            assert (run.alpha[n, i, e], run.entropy[n, i, e], run.peer_distance[n, i, e]) == (
+            assert (run.alpha[n, i, e], run.score[n, i, e], run.peer_distance[n, i, e]) == (
                 g["alpha"], g["entropy_self"], g["peer_distance"])
     assert np.isnan(run.alpha[:, :, -1]).all() and np.isnan(run.mean_peer_distance[:, -1]).all()  # no last graft
-    assert run.A == 0.4 and "resnet8, 2 network(s), grafting layer" in run.title
+    assert run.A == 0.4 and "resnet8, 2 network(s), grafting: entropy, ring, A 0.4" in run.title
+    assert run.split == "test" and run.score_name == "entropy"
 
 
 def test_a_record_written_twice_counts_once_the_later(tmp_path):
     records = write_run(tmp_path / "run")
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write(json.dumps(dict(records[0], test_acc=99.0)) + "\n")
-    assert plot.load_run(tmp_path / "run").test_acc[0, 0] == 99.0
+    assert plot.load_run(tmp_path / "run").acc[0, 0] == 99.0
+
+
+def test_a_run_selected_on_validation_draws_its_validation_curves(tmp_path, capsys):
+    """The study's runs evaluate the validation split every epoch: val_acc, not test_acc."""
+    records = write_run(tmp_path / "run")
+    lines = []
+    for r in records:
+        r = dict(r, split="val")
+        r["val_acc"] = r.pop("test_acc")
+        lines.append(json.dumps(r))
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run = plot.load_run(tmp_path / "run")
+    assert run.split == "val" and run.split_name == "validation"
+    assert [run.acc[r["network"], r["epoch"]] for r in records] == [r["test_acc"] for r in records]
+    assert plot.main([str(tmp_path / "run")]) == 0
+
+
+def test_metrics_it_cannot_draw_are_refused_and_missing_fields_said(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    records = write_run(run_dir)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "network": 0, "lr": 0.1}) + "\n")
+    assert plot.main([str(run_dir)]) == 1
+    assert "no accuracy in any record (neither test_acc nor val_acc)" in capsys.readouterr().err
+    # Metrics from before the peer distance was logged: the panel says so, not "no grafting".
+    old = [{k: v for k, v in r.items() if k != "mean_peer_distance"} for r in records]
+    for r in old:
+        for g in r.get("graft", []):
+            g.pop("peer_distance")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    run = plot.load_run(run_dir)
+    assert run.grafted and np.isnan(run.mean_peer_distance).all()
+    assert plot.main([str(run_dir)]) == 0
 
 
 def test_pngs_for_runs_and_their_comparison(tmp_path, capsys):

@@ -5,11 +5,12 @@ import json
 import pytest
 
 from graft.config import Config
+from graft.records import EpochRecord
 from graft.report import MetricsLog, RunLog, epoch_table, summarize
 
 
-def record(network, epoch, test_acc, ensemble_acc):
-    return {"network": network, "epoch": epoch, "test_acc": test_acc, "ensemble_acc": ensemble_acc}
+def record(network, epoch, test_acc, ensemble_acc, **more):
+    return EpochRecord(epoch, network, acc=test_acc, ensemble_acc=ensemble_acc, **more)
 
 
 def test_final_is_the_last_epoch_and_best_the_maximum():
@@ -30,11 +31,10 @@ def test_one_network_has_no_spread():
 
 
 def test_epoch_table_shows_mean_alpha_and_peer_distance_or_a_dash():
-    base = {"epoch": 0, "lr": 0.1, "train_loss": 2.0, "train_acc": 20.0, "test_acc": 25.0, "ensemble_acc": 30.0,
-            "filters": 48, "invalid_filters": {"0.1": 1}, "images_per_sec": 100.0, "epoch_seconds": 1.0,
-            "graft_seconds": 0.01}
-    table = epoch_table([dict(base, network=0, mean_alpha=0.4567, mean_peer_distance=0.01234),
-                         dict(base, network=1)], 3, [0.1])
+    base = dict(epoch=0, lr=0.1, train_loss=2.0, train_acc=20.0, acc=25.0, ensemble_acc=30.0, filters=48,
+                invalid_filters={"0.1": 1}, images_per_sec=100.0, epoch_seconds=1.0, graft_seconds=0.01)
+    table = epoch_table([EpochRecord(network=0, mean_alpha=0.4567, mean_peer_distance=0.01234, **base),
+                         EpochRecord(network=1, **base)], 3, [0.1])
     head, grafted, plain = table.splitlines()[1:]
     assert head.split()[5:7] == ["alpha", "dist"]
     assert grafted.split()[5:7] == ["0.457", "0.012"] and plain.split()[5:7] == ["-", "-"]
@@ -46,13 +46,26 @@ def test_resumed_checkpoint_records_win_over_the_logged_ones(tmp_path):
     checkpoints' records and adds the one that was never logged."""
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.write([record(k, e, 50.0 + e, 60.0) for e in (0, 1, 2) for k in (0, 1)])
-    log.replace([{**record(0, 1, 51.0, 60.0), "peer": 1}])  # in place: one record per (epoch, network)
-    assert [(r["epoch"], r["network"], r.get("peer")) for r in log.read()] == [
+    log.replace([record(0, 1, 51.0, 60.0, peer=1)])  # in place: one record per (epoch, network)
+    assert [(r.epoch, r.network, r.peer) for r in log.read()] == [
         (0, 0, None), (0, 1, None), (1, 0, 1), (1, 1, None), (2, 0, None), (2, 1, None)]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    lines.remove(json.dumps(record(1, 1, 51.0, 60.0)))  # as if stopped before network 1's epoch 1 was logged
+    lines.remove(json.dumps(record(1, 1, 51.0, 60.0).to_json()))  # as if stopped before network 1's epoch 1 was logged
     (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    resumed = [{**record(k, 1, 51.0, 60.0), "peer": None} for k in (0, 1)]
+    resumed = [record(k, 1, 51.0, 60.0, peer=None) for k in (0, 1)]
     RunLog(Config(output_dir=str(tmp_path), epochs=4), first_epoch=2, resumed=resumed)
-    assert sorted((r["epoch"], r["network"], r.get("peer")) for r in log.read()) == [
+    assert sorted((r.epoch, r.network, r.peer) for r in log.read()) == [
         (0, 0, None), (0, 1, None), (1, 0, None), (1, 1, None)]
+
+
+def test_a_record_keeps_the_on_disk_keys_of_its_split():
+    """metrics.jsonl keeps the keys of every version: the evaluated split's accuracy under
+    val_acc or test_acc; a line of an older version reads back with its split."""
+    val = EpochRecord(3, 1, split="val", loss=0.5, acc=61.0, ensemble_acc=62.0)
+    line = val.to_json()
+    assert (line["val_acc"], line["val_loss"], line["split"]) == (61.0, 0.5, "val") and "test_acc" not in line
+    assert EpochRecord.from_json(line) == val
+    old = {"epoch": 0, "network": 0, "lr": 0.1, "test_loss": 1.0, "test_acc": 40.0, "peer": 1, "graft_seconds": 0.1,
+           "mean_alpha": 0.5, "graft": [{"layer": "a", "alpha": 0.5}], "unknown_later_key": 1}
+    r = EpochRecord.from_json(old)
+    assert (r.split, r.acc, r.loss, r.grafts, r.mean_alpha) == ("test", 40.0, 1.0, 1, 0.5)

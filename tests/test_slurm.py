@@ -85,7 +85,7 @@ class Job:
 
     def wait_for_checkpoints(self, networks: int, timeout: float = 300) -> None:
         """Until every network has saved its first epoch, so that a stop leaves a resume point."""
-        paths = [self.run_dir / "checkpoints" / f"net{k}" / "epoch0000.pt" for k in range(networks)]
+        paths = [self.run_dir / "checkpoints" / f"net{k}" / "epoch0001.pt" for k in range(networks)]
         deadline = time.monotonic() + timeout
         while not all(p.exists() for p in paths):
             assert self.state()["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), self.text()

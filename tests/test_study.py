@@ -14,7 +14,9 @@ from graft import checkpoint
 from graft.config import ConfigError
 from graft.engine import machine_name
 from graft.stats import paired_difference, t_quantile_975
-from graft.study import Arm, Run, command, final_distance, load_plan, runs_of, time_left, write_json
+from graft.study.archive import final_distance, write_json
+from graft.study.plan import Arm, Run, command, load_plan, runs_of
+from graft.study.runner import time_left
 from helpers import ROOT, env
 
 PLAN = ROOT / "tests" / "studies" / "tiny.yaml"
@@ -44,7 +46,7 @@ def test_paired_difference_interval():
 
 
 def test_difference_table_pairs_seeds_and_flags_a_zero_width_interval():
-    from graft.study_report import difference_table
+    from graft.study.report import difference_table
     per_arm = {"graft": {0: {"final": 84.0, "ensemble": 84.0}, 1: {"final": 83.0, "ensemble": 83.5},
                          2: {"final": 85.0, "ensemble": 84.5}},
                "average": {0: {"final": 83.0, "ensemble": 83.0}, 1: {"final": 83.0, "ensemble": 82.5}}}
@@ -125,9 +127,7 @@ def test_command_line_overrides_are_checked_and_set_the_process_count(monkeypatc
 def test_final_distance_of_hand_made_checkpoints(tmp_path):
     def save(net, epoch, scale):
         model = {"conv.weight": torch.full((4, 3, 3, 3), scale), "bn.running_mean": torch.zeros(4)}
-        path = checkpoint.epoch_path(tmp_path, net, epoch)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_save({"format": checkpoint.FORMAT, "model": model}, path)
+        checkpoint.save_epoch(tmp_path, net, {}, {"epoch": epoch, "model": model}, keep=3)
 
     save(0, 0, 5.0)  # an older epoch: only the last one counts
     save(0, 2, 1.0)
@@ -159,7 +159,7 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
 
     # Interrupt the next run (graft/seed0) once its first epoch is saved; it must stop cleanly.
     second = study(tmp_path)
-    saved = runs / "graft" / "seed0" / "checkpoints" / "net1" / "epoch0000.pt"
+    saved = runs / "graft" / "seed0" / "checkpoints" / "net1" / "epoch0001.pt"
     deadline = time.monotonic() + 240
     while not saved.exists() and time.monotonic() < deadline and second.poll() is None:
         time.sleep(0.05)
@@ -250,9 +250,10 @@ def test_overrides_of_what_the_study_sets_are_refused(tmp_path, monkeypatch):
 
 def test_a_run_that_exits_0_without_a_summary_fails_the_study(tmp_path, monkeypatch, capsys):
     from graft import study
+    from graft.study import runner
 
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(study, "run_one", lambda plan, run, extra=(): 0)  # as if it wrote elsewhere
+    monkeypatch.setattr(runner, "run_one", lambda plan, run, extra=(): 0)  # as if it wrote elsewhere
     assert study.main([str(PLAN), "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]) == 1
     assert "independent/seed0 failed (exit 0, but no " in capsys.readouterr().err
 
@@ -274,7 +275,7 @@ def test_a_damaged_archive_is_named(tmp_path, monkeypatch, capsys):
 
 
 def test_changes_to_the_results_do_not_make_the_code_dirty(tmp_path):
-    from graft.study import code_version
+    from graft.study.archive import code_version
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
@@ -294,7 +295,7 @@ def test_changes_to_the_results_do_not_make_the_code_dirty(tmp_path):
 
 
 def test_what_the_report_says_of_code_versions():
-    from graft.study_report import _versions
+    from graft.study.report import _versions
 
     assert _versions({"a": set(), "b": set()}, []) == []  # nothing finished: nothing claimed
     assert _versions({"a": {"c0ffee" * 7}, "b": {"c0ffee" * 7}}, [])[0] == ("Every run ran one commit, c0ffeec0ff, "

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from graft import dist
 from graft.config import ConfigError, load_config
 from helpers import ROOT, torchrun
 
@@ -67,7 +68,7 @@ def test_run_writes_every_output(two_runs):
     assert summary["ensemble_final_acc"] == by[1, 0]["ensemble_acc"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
     for k in (0, 1):
-        ckpt = torch.load(out / "checkpoints" / f"net{k}" / "epoch0001.pt", weights_only=False)
+        ckpt = torch.load(out / "checkpoints" / f"net{k}" / "epoch0002.pt", weights_only=False)
         assert ckpt["network"] == k and ckpt["epoch"] == 1
         assert (out / "checkpoints" / f"net{k}" / "best.pt").exists()
 
@@ -131,16 +132,16 @@ def test_folder_data_through_dataloader_workers(tmp_path):
     # graft-eval reads the same folders through the same loaders: the same accuracy.
     from graft.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "test")
+    result = evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0001.pt", "test")
     assert result["test_acc"] == rec["test_acc"] and result["images"] == 200  # data.test_subset=200
     with pytest.raises(ConfigError, match=r"--split val: .*config.yaml has data.val_fraction 0: this run held out no"):
-        evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "val")
-    with pytest.raises(ConfigError, match=r"epoch0000.pt: its weights do not fit model resnet20 with num_classes 10 "
+        evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0001.pt", "val")
+    with pytest.raises(ConfigError, match=r"epoch0001.pt: its weights do not fit model resnet20 with num_classes 10 "
                                           r"\(from .*config.yaml and the overrides\): Error\(s\) in loading"):
-        evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "test", ["model=resnet20"])
+        evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0001.pt", "test", ["model=resnet20"])
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"--device cuda: no CUDA GPU here"):
-            evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0000.pt", "test", device="cuda")
+            evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0001.pt", "test", device="cuda")
 
 
 def test_hybrid_mode_trains_two_networks_of_two_replicas(tmp_path):
@@ -173,7 +174,7 @@ def test_selection_on_validation_and_the_test_set_once_at_the_end(tmp_path):
         # graft-eval on the saved weights gives the figures the run reported.
         overrides = [f"data.cache_dir={tmp_path / 'cache'}"]
         assert evaluate_checkpoint(best, "test", overrides)["test_acc"] == result["best_val_test_acc"]
-        final = evaluate_checkpoint(out / "checkpoints" / f"net{k}" / "epoch0002.pt", "test", overrides)
+        final = evaluate_checkpoint(out / "checkpoints" / f"net{k}" / "epoch0003.pt", "test", overrides)
         assert final["test_acc"] == result["final_test_acc"] and final["images"] == 200
         assert evaluate_checkpoint(best, "val", overrides)["val_acc"] == result["best_val_acc"]
 
@@ -190,20 +191,32 @@ def test_graft_eval_errors_name_the_file(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith(f"graft-eval: error: {missing}: unreadable checkpoint")
 
 
-def test_a_stop_says_how_to_resume():
-    """resume=never: the same command would start afresh beside the run, so the hint names its directory."""
-    from graft.config import Config
-    from graft.train import how_to_resume
-    assert how_to_resume(Config(output_dir="runs/a", resume="auto")) == "rerun the same command to resume"
-    assert how_to_resume(Config(output_dir="runs/a-1", resume="never")) == (
-        "to resume it, rerun with output_dir=runs/a-1 resume=auto")
+def test_a_stop_says_how_to_resume(tmp_path):
+    """resume=never: the same command would start afresh beside the run, so the hint names its
+    directory; before the first checkpoint there is nothing to resume, and the advice says so."""
+    from graft import cli
+
+    assert cli.resume_hint("runs/a", "auto") == "rerun the same command to resume"
+    assert cli.resume_hint("runs/a-1", "never") == "to resume it, rerun with output_dir=runs/a-1 resume=auto"
+    run = tmp_path / "run"
+    assert cli.stop_message(15, str(run)) == ("received SIGTERM: stopped between steps; it stopped before its first "
+                                              "checkpoint: nothing to resume")
+    (run / "checkpoints" / "net0").mkdir(parents=True)
+    (run / "checkpoints" / "net0" / "epoch0001.pt").write_bytes(b"")
+    assert cli.stop_message(2, str(run), "never") == (
+        f"received SIGINT: stopped between steps; the last complete checkpoint is intact; to resume it, rerun "
+        f"with output_dir={run} resume=auto")
 
 
-def test_train_state_round_trips():
-    """TrainState.load_state_dict(state_dict()) restores the weights, optimizer, schedule, RNGs
-    and position: the next step after a restore is the step the saved run would have taken."""
+def test_resume_point_round_trips():
+    """ResumePoint.load_state_dict(state_dict()) restores the weights, optimizer, schedule, RNGs,
+    grafter and position: the next step after a restore is the step the saved run would have
+    taken. The file loads as weights only."""
+    from graft.checkpoint import ResumePoint
+    from graft.grafter import Grafter
     from graft.models import build_model
-    from graft.train import TrainState, build_scheduler
+    from graft.records import EpochRecord
+    from graft.train import build_scheduler
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["model=resnet8", "epochs=3"])
 
@@ -212,28 +225,30 @@ def test_train_state_round_trips():
         model = build_model("resnet8", 10)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         scheduler, _ = build_scheduler(cfg, optimizer, steps_per_epoch=4)
-        return TrainState(model, optimizer, scheduler, None, torch.device("cpu"))
+        grafter = Grafter(epochs=3, topology=dist.Topology())
+        return ResumePoint(model, optimizer, scheduler, None, grafter, torch.device("cpu"))
 
-    def step(state):
+    def step(point):
         x = torch.randn(8, 3, 32, 32)  # draws from the RNG the state restores
-        state.optimizer.zero_grad()
-        state.model(x).square().mean().backward()
-        state.optimizer.step()
-        state.scheduler.step()
+        point.optimizer.zero_grad()
+        point.model(x).square().mean().backward()
+        point.optimizer.step()
+        point.scheduler.step()
 
     a = fresh(0)
     for _ in range(3):
         step(a)
-    a.epoch, a.grafted, a.best_acc, a.record = 0, True, 41.5, {"epoch": 0, "network": 0}
+    a.epoch, a.best_acc, a.best_epoch, a.record = 0, 41.5, 0, EpochRecord(0, 0, acc=41.5)
+    a.grafter.epoch, a.grafter.grafted = 0, False
     file = io.BytesIO()
     torch.save(a.state_dict(), file)  # through bytes, as a checkpoint: no tensor is shared with a
 
     def saved():
-        return torch.load(io.BytesIO(file.getvalue()), weights_only=False)
+        return torch.load(io.BytesIO(file.getvalue()), weights_only=True)
 
     b = fresh(1)
     b.load_state_dict(saved())
-    assert (b.epoch, b.grafted, b.best_acc, b.record) == (0, True, 41.5, {"epoch": 0, "network": 0})
+    assert (b.epoch, b.grafted, b.best_acc, b.best_epoch, b.record) == (0, False, 41.5, 0, EpochRecord(0, 0, acc=41.5))
     assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
     step(b)  # from the restored RNG state
     fresh(2).load_state_dict(saved())  # the RNGs as saved again, for a's step
@@ -266,19 +281,18 @@ def test_cpu_name_is_the_model_name_line(tmp_path):
 def test_reference_mode_on_a_model_it_cannot_graft_is_refused_at_the_start():
     """The official code's key-name rule fails on VGG (no 'conv' keys): say so before training,
     not with a traceback at the end of the first epoch."""
-    from graft import ring
     from graft.train import setup
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["model=vgg11_bn", "grafting.compat=reference",
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["model=vgg11_bn", "grafting.criterion=reference",
                                                              "num_classes=10"])
-    with pytest.raises(ConfigError, match=r"grafting.compat: reference with model vgg11_bn: compat='reference' "
+    with pytest.raises(ConfigError, match=r"grafting.criterion: reference with model vgg11_bn: compat='reference' "
                                           r"needs a key containing 'conv' before 'features.0.weight'"):
-        setup(cfg, ring.Topology(rank=0, world=2), 10)
+        setup(cfg, dist.Topology(rank=0, world=2), 10)
 
 
 def test_nearby_seeds_share_no_network():
     """seed + network gave network 1 of seed s the initial weights of network 0 of seed s + 1."""
-    from graft.train import network_seed
+    from graft import network_seed
 
     seeds = {network_seed(s, k) for s in range(50) for k in range(8)}
     assert len(seeds) == 400 and all(0 <= x < 2**32 for x in seeds)

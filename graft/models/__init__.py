@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import mobilenetv2, resnet_cifar, vgg, wrn
 
 CIFAR_MODELS = {**resnet_cifar.MODELS, **mobilenetv2.MODELS, **vgg.MODELS, **wrn.MODELS}

@@ -1,21 +1,23 @@
-"""Started by tests/test_ring.py without torchrun: rank 1 dies before the epoch boundary."""
+"""Started by tests/test_exchange.py without torchrun: rank 1 dies before the epoch boundary."""
 
 import os
 import sys
 
 import torch
 
-from graft import core, ring
+from graft import core, dist, exchange
+from graft.errors import PeerTimeout
+from graft.rules import GraftSpec
 
 
 def main():
-    topo = ring.setup(1, "gloo", "cpu", timeout=float(sys.argv[1]))
+    topo = dist.setup(1, "gloo", "cpu", timeout=float(sys.argv[1]))
     if topo.rank == 1:
         os._exit(9)  # die like a SIGKILLed process: no cleanup, no goodbye
     state = {"w": torch.randn(3, 3, 1, 1)}
     try:
-        ring.graft_step(topo, state, core.make_plan(state), when="epoch 3")
-    except ring.PeerTimeout as e:
+        exchange.graft_step(topo, state, core.make_plan(state), GraftSpec(), when="epoch 3")
+    except PeerTimeout as e:
         print(f"graft: error: {e}", file=sys.stderr, flush=True)
         os._exit(1)
     os._exit(0)

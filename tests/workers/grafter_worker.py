@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graft
-from graft import ring
+from graft.errors import GraftError
 
 
 class Freely(nn.Module):
@@ -86,7 +86,7 @@ def main():
         saved["before"] = copy(model)
         try:
             result = grafter.graft(wrapped)
-        except ring.GraftError as e:
+        except GraftError as e:
             print(f"graft: error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
         saved.update(after=copy(model), peer=result.peer, bytes=result.bytes, records=result.records(),

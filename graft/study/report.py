@@ -12,13 +12,21 @@ import math
 import statistics
 from pathlib import Path
 
-from .config import ConfigError, load_config, setup_differences
-from .report import MetricsLog, eval_split
-from .stats import mean_std, paired_difference
-from .study import Plan, Run, finished, fmt_duration, read_json, read_state, run_setup
+from ..config import ConfigError, load_config, setup_differences
+from ..report import MetricsLog
+from ..stats import mean_std, paired_difference
+from .archive import finished, read_json, read_state
+from .plan import Plan, Run, run_setup
 
 METRICS = (("final", "final"), ("best_val", "best-val"), ("ensemble", "ensemble final"),
            ("ensemble_best_val", "ensemble best-val"))
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def run_result(run: Run) -> dict | None:
@@ -31,9 +39,9 @@ def run_result(run: Run) -> dict | None:
     if not records:
         raise ConfigError(f"{run.archive / 'metrics.jsonl'}: no epoch records in a finished run's archive; restore "
                           "it, or remove the folder to run it again")
-    last_epoch = max(r["epoch"] for r in records)
-    last = [r for r in records if r["epoch"] == last_epoch]
-    split = eval_split(records[0])
+    last_epoch = max(r.epoch for r in records)
+    last = [r for r in records if r.epoch == last_epoch]
+    split = records[0].split
     test = summary.get("test")
     if test:
         nets = test["networks"].values()
@@ -44,26 +52,25 @@ def run_result(run: Run) -> dict | None:
     else:  # a run that evaluated the test set every epoch: no selection without it
         accs = {"final": summary["final_acc_mean"], "best_val": None, "ensemble": summary["ensemble_final_acc"],
                 "ensemble_best_val": None}
-    alphas = [r["mean_alpha"] for r in records if r.get("mean_alpha") is not None]
+    alphas = [r.mean_alpha for r in records if r.mean_alpha is not None]
     # With 2 networks the mean alpha is 0.5 by symmetry; how far alpha strays from 0.5 is what
     # separates grafting from plain averaging.
-    strays = [abs(layer["alpha"] - 0.5) for r in records for layer in r.get("graft") or ()]
-    epoch_seconds = sum(r["epoch_seconds"] for r in records)
+    strays = [abs(layer["alpha"] - 0.5) for r in records for layer in r.graft]
+    epoch_seconds = sum(r.epoch_seconds for r in records)
     weights = run.archive / "weights.json"
     distance = read_json(weights)["final_distance"] if weights.exists() else None
     curve = {}
     for r in records:
-        curve.setdefault(r["epoch"], []).append(r[f"{split}_acc"])
+        curve.setdefault(r.epoch, []).append(r.acc)
     return {
         **accs,
         "epochs": last_epoch + 1,
-        "filters": last[0].get("filters"),
-        "invalid": {t: statistics.mean(r["invalid_filters"][t] for r in last)
-                    for t in last[0].get("invalid_filters", {})},
+        "filters": last[0].filters,
+        "invalid": {t: statistics.mean(r.invalid_filters[t] for r in last) for t in last[0].invalid_filters},
         "mean_alpha": statistics.mean(alphas) if alphas else None,
         "alpha_stray": statistics.mean(strays) if strays else None,
         "distance": distance,
-        "overhead": sum(r.get("graft_seconds", 0.0) for r in records) / epoch_seconds if epoch_seconds else 0.0,
+        "overhead": sum(r.graft_seconds for r in records) / epoch_seconds if epoch_seconds else 0.0,
         "wall_seconds": state["wall_seconds"],
         "versions": [(a["commit"], a["dirty"]) for a in state["attempts"]],
         "differs": differs_from_plan(run),

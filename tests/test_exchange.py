@@ -1,4 +1,5 @@
-"""The ring under torchrun (CPU, gloo, tiny models): order, table identity, blend, hybrid, dead peer."""
+"""The graft step under torchrun (CPU, gloo, tiny models): order, table identity, blend, partners,
+hybrid mode, refusals, a dead peer."""
 
 import subprocess
 import sys
@@ -8,13 +9,14 @@ import pytest
 import torch
 
 from graft import core
+from graft.rules import graft_state_dict
 from helpers import ROOT, env, free_port, torchrun
 
-WORKER = ROOT / "tests" / "workers" / "ring_worker.py"
+WORKER = ROOT / "tests" / "workers" / "exchange_worker.py"
 
 
-def run_ring(tmp_path, nproc, replicas=1, exchange="auto", level="layer"):
-    proc = torchrun(nproc, WORKER, tmp_path, replicas, exchange, level)
+def run_ring(tmp_path, nproc, replicas=1, exchange="auto", *settings):
+    proc = torchrun(nproc, WORKER, tmp_path, replicas, exchange, *settings)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)], proc
 
@@ -33,7 +35,7 @@ def test_ring_grafts_from_previous_network(tmp_path, nproc, exchange):
         for mine, theirs in zip(out["records"], peer["records"]):
             assert mine["entropy_peer"] == theirs["entropy_self"]
         # The blend equals graft_state_dict applied to the two pre-graft states.
-        expected, _ = core.graft_state_dict(out["before"], peer["before"])
+        expected, _ = graft_state_dict(out["before"], peer["before"])
         for key in expected:
             torch.testing.assert_close(out["after"][key], expected[key], rtol=0, atol=0)
         model_bytes = sum(t.numel() * t.element_size() for t in out["before"].values())
@@ -48,8 +50,8 @@ def test_two_networks_end_identical(tmp_path):
 
 
 def test_filter_level_over_the_ring(tmp_path):
-    outs, _ = run_ring(tmp_path, 2, level="filter")
-    expected, _ = core.graft_state_dict(outs[1]["before"], outs[0]["before"], level="filter")
+    outs, _ = run_ring(tmp_path, 2, 1, "auto", "criterion=bn_scale")
+    expected, _ = graft_state_dict(outs[1]["before"], outs[0]["before"], criterion="bn_scale")
     for key in expected:
         torch.testing.assert_close(outs[1]["after"][key], expected[key], rtol=0, atol=0)
 
@@ -60,13 +62,35 @@ def test_hybrid_two_networks_by_two_replicas(tmp_path):
     for a, b in ((0, 1), (2, 3)):
         for key in outs[a]["after"]:
             assert torch.equal(outs[a]["after"][key], outs[b]["after"][key]), key
-    expected, _ = core.graft_state_dict(outs[2]["before"], outs[0]["before"])
+    expected, _ = graft_state_dict(outs[2]["before"], outs[0]["before"])
     for key in expected:
         torch.testing.assert_close(outs[3]["after"][key], expected[key], rtol=0, atol=0)
 
 
+def test_population_partner_blends_toward_the_mean_of_every_network(tmp_path):
+    """PAPA's pull, restated: w <- alpha w + (1 - alpha) mean(w_0 .. w_{N-1}), floating tensors only."""
+    outs, _ = run_ring(tmp_path, 3, 1, "auto", "rule=papa")
+    keys = [k for k, t in outs[0]["before"].items() if t.is_floating_point()]
+    mean = {k: sum(o["before"][k] for o in outs) / 3 for k in keys}
+    for out in outs:
+        assert out["peer"] is None
+        for key, own in out["before"].items():
+            want = 0.99 * own + 0.01 * mean[key] if key in mean else own
+            torch.testing.assert_close(out["after"][key], want, rtol=1e-6, atol=1e-7)
+        model_bytes = sum(t.numel() * t.element_size() for t in out["before"].values() if t.is_floating_point())
+        assert out["bytes"] == 2 * model_bytes
+
+
+def test_networks_with_other_settings_are_refused_naming_the_setting(tmp_path):
+    proc = torchrun(2, WORKER, tmp_path, 1, "auto", "differ=1")
+    assert proc.returncode != 0
+    for r in range(2):
+        error = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["error"]
+        assert "grafts with other settings (A: " in error and "every network must graft with the same settings" in error
+
+
 def test_nan_in_one_network_stops_every_network_unpoisoned(tmp_path):
-    proc = torchrun(3, WORKER, tmp_path, 1, "auto", "layer", "nan")
+    proc = torchrun(3, WORKER, tmp_path, 1, "auto", "nan")
     assert proc.returncode != 0
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3)]
     for r, out in enumerate(outs):
@@ -76,7 +100,7 @@ def test_nan_in_one_network_stops_every_network_unpoisoned(tmp_path):
 
 
 def test_nan_in_hybrid_mode_stops_the_replicas_too(tmp_path):
-    proc = torchrun(4, WORKER, tmp_path, 2, "auto", "layer", "nan")  # 2 networks x 2 replicas
+    proc = torchrun(4, WORKER, tmp_path, 2, "auto", "nan")  # 2 networks x 2 replicas
     assert proc.returncode != 0
     errors = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["error"] for r in range(4)]
     assert all("NaN or Inf weights in network(s) [1]" in e for e in errors[0::2])  # the leaders
@@ -125,5 +149,5 @@ def test_dead_peer_during_training_is_named_by_the_launcher(tmp_path):
     code, err = procs[0].wait(timeout=120), procs[0].stderr.read()
     procs[1].wait()
     assert code == 1 and time.monotonic() - start < 60
-    assert "graft: error: rank 0: network 1 (rank 1) did not arrive at epoch 1 trained within 5 s" in err
+    assert "graft: error: rank 0: network 1 (rank 1) did not arrive at epoch 2 trained within 5 s" in err
     assert "Traceback" not in err

@@ -1,9 +1,11 @@
-"""Run under torchrun by tests/test_ring.py: one graft step on a tiny model, states saved.
+"""Run under torchrun by tests/test_exchange.py: one graft step on a tiny model, states saved.
 
-    torchrun --standalone --nproc_per_node=N tests/workers/ring_worker.py OUT_DIR [replicas] [exchange] [level] [nan]
+    torchrun --standalone --nproc_per_node=N tests/workers/exchange_worker.py OUT_DIR [replicas] [exchange] \
+        [setting=value ...] [nan]
 
-GRAFT_WORKER_BACKEND and GRAFT_WORKER_DEVICE (default gloo, cpu) put the ring elsewhere, e.g.
-nccl and cuda (tests/test_cuda.py). The states are saved on the CPU.
+The settings make the GraftSpec (criterion=bn_scale, partner=population, ...); ``nan`` puts a
+NaN into network 1 before the graft. GRAFT_WORKER_BACKEND and GRAFT_WORKER_DEVICE (default gloo,
+cpu) put the ring elsewhere, e.g. nccl and cuda (tests/test_cuda.py). States are saved on the CPU.
 """
 
 import os
@@ -12,8 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 
-from graft import core, ring
+from graft import dist, exchange
+from graft.errors import GraftError
+from graft.rules import GraftSpec
 
 
 def tiny_model() -> nn.Module:
@@ -28,11 +33,15 @@ def on_cpu(state: dict) -> dict:
 def main():
     out = Path(sys.argv[1])
     replicas = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    exchange = sys.argv[3] if len(sys.argv) > 3 else "auto"
-    level = sys.argv[4] if len(sys.argv) > 4 else "layer"
-    poison = len(sys.argv) > 5 and sys.argv[5] == "nan"  # network 1 reaches the graft with a NaN
-    topo = ring.setup(replicas, os.environ.get("GRAFT_WORKER_BACKEND", "gloo"),
+    mode = sys.argv[3] if len(sys.argv) > 3 else "auto"
+    rest = sys.argv[4:]
+    poison = "nan" in rest  # network 1 reaches the graft with a NaN
+    settings = dict(item.split("=", 1) for item in rest if "=" in item)
+    topo = dist.setup(replicas, os.environ.get("GRAFT_WORKER_BACKEND", "gloo"),
                       os.environ.get("GRAFT_WORKER_DEVICE", "cpu"), timeout=60)
+    if settings.pop("differ", None) and topo.network == 1:  # network 1 grafts with another A
+        settings["A"] = "0.3"
+    spec = GraftSpec.make(**{k: yaml.safe_load(v) for k, v in settings.items()})
     torch.manual_seed(100 + topo.network)  # replicas of a network share the seed
     model = tiny_model()
     model(torch.randn(2, 3, 8, 8))
@@ -44,19 +53,19 @@ def main():
     state = model.to(topo.device).state_dict()
     if poison and topo.network == 1:
         state["3.weight"][0, 0, 0, 0] = float("nan")
-    plan = core.make_plan(state)
+    plan = spec.plan(state)
     try:
-        new_state, result = ring.graft_step(topo, state, plan, when="epoch 0", level=level, exchange=exchange)
-    except ring.GraftError as e:
+        new_state, result = exchange.graft_step(topo, state, plan, spec, when="epoch 0", exchange=mode)
+    except GraftError as e:
         print(f"graft: error: {e}", file=sys.stderr, flush=True)
         torch.save({"error": str(e), "state": on_cpu(state)}, out / f"rank{topo.rank}.pt")
         sys.exit(1)
     torch.save({"network": topo.network, "replica": topo.replica, "peer": result.peer,
                 "before": on_cpu(state), "after": on_cpu(new_state), "table": result.table, "bytes": result.bytes,
-                "seconds": result.seconds, "layers": result.layers,
+                "seconds": result.seconds, "layers": result.layers, "identical": result.identical,
                 "records": result.report.as_records() if result.report else None},
                out / f"rank{topo.rank}.pt")
-    ring.teardown(topo)
+    dist.teardown(topo)
 
 
 if __name__ == "__main__":

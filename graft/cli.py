@@ -1,0 +1,104 @@
+"""What graft's commands share at their edges: the one error line, the advice after a stop,
+and signals. graft-train, graft-run, graft-eval and graft-study word these here and nowhere else.
+
+The advice is true to the case: "rerun the same command to resume" only where a rerun can help
+(a stop by signal, a peer that went away) and names the checkpoint only where one exists; a
+rank stopped because another failed says so and repeats that rank's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .errors import REPORTED_BY_LAUNCHER, ConfigError, PeerFailed, Stop, UserError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def has_checkpoint(output_dir: str | Path) -> bool:
+    """Whether a run directory holds a resume point of some network."""
+    return any(Path(output_dir).glob("checkpoints/net*/epoch*.pt"))
+
+
+def resume_hint(output_dir: str, resume: str = "auto") -> str:
+    """How to continue a stopped run. Under resume=never the same command would start afresh
+    beside it, so the hint names the directory."""
+    if resume == "never":
+        return f"to resume it, rerun with output_dir={shlex.quote(str(output_dir))} resume=auto"
+    return "rerun the same command to resume"
+
+
+def after_stop(output_dir: str | None, resume: str = "auto") -> str:
+    """What is left after a stop, and how to go on."""
+    if output_dir is None:  # graft-run, before the workers chose the directory (resume=never)
+        return ("the last complete checkpoint is intact; to resume, rerun with output_dir=(the directory the run "
+                "named) resume=auto")
+    if not has_checkpoint(output_dir):
+        return "it stopped before its first checkpoint: nothing to resume"
+    return f"the last complete checkpoint is intact; {resume_hint(output_dir, resume)}"
+
+
+def stop_message(signum: int, output_dir: str | None, resume: str = "auto") -> str:
+    return f"received {signal.Signals(signum).name}: stopped between steps; {after_stop(output_dir, resume)}"
+
+
+def install_signal_handlers(output_dir: str, resume: str) -> dict:
+    """Turn SIGTERM and SIGINT into Stop; returns the handlers they had."""
+    def handler(signum, _frame):
+        # Under srun a worker gets SIGTERM twice (from slurmstepd, then from torchrun's agent):
+        # the second must not interrupt the first's clean stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stop(stop_message(signum, output_dir, resume))
+    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+
+def restore_signal_handlers(handlers: dict) -> None:
+    for s, previous in handlers.items():
+        signal.signal(s, previous)
+
+
+def says_it(e: BaseException, rank: int) -> bool:
+    """Whether this rank prints ``e``: an error that is the same on every rank (a config error)
+    is said by rank 0, one about another rank's failure by the lowest rank that did not fail."""
+    if isinstance(e, ConfigError):
+        return rank == 0
+    if isinstance(e, PeerFailed) and e.failed_rank is not None:
+        return rank == (1 if e.failed_rank == 0 else 0)
+    return True
+
+
+def error_line(e: BaseException, rank: int | None = None, network: int | None = None,
+               distributed: bool = False) -> str:
+    """``graft: error: ...`` in one line, naming the rank where the message does not."""
+    names_rank = isinstance(e, ConfigError) or getattr(e, "names_rank", False)
+    where = f"rank {rank} (network {network}): " if distributed and not names_rank and rank is not None else ""
+    return f"graft: error: {where}{e}"
+
+
+def report_error(e: BaseException, rank: int, network: int | None = None, distributed: bool = False) -> None:
+    """Say the error in one line. Under torchrun the line also goes into the error file torchrun
+    gives each worker, where its failure summary and graft-run find it; under graft-run only there
+    (graft-run prints each distinct line once, after the workers stopped)."""
+    line = error_line(e, rank, network, distributed)
+    recorded = False
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+            recorded = True
+        except OSError:
+            pass
+    if (recorded and os.environ.get(REPORTED_BY_LAUNCHER) == "1") or not says_it(e, rank):
+        return
+    print(line, file=sys.stderr, flush=True)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """An error that ends a command in one line (the file system's own errors name their file)."""
+    return isinstance(e, (UserError, OSError))

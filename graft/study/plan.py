@@ -1,0 +1,128 @@
+"""A study's plan: the arms, seeds and base config of a multi-run experiment, read and checked
+at once (every arm's config resolved), and the runs it names."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError, build, load_config
+
+
+@dataclass
+class Arm:
+    name: str = ""
+    networks: int = 2             # networks; --nproc_per_node is this times the config's data_parallel
+    config: str = ""              # this arm's own base config ("" = the plan's)
+    overrides: list[str] = field(default_factory=list)
+    nproc: int = 0                # set from the resolved config, not in plans
+    setup: dict = field(default_factory=dict)  # the same: what its runs must train with (cfg.setup and epochs)
+
+
+@dataclass
+class Plan:
+    name: str = ""
+    config: str = ""              # the base config, relative to the directory graft-study runs in
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[Arm] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # for every arm
+    reference: str = ""           # the arm the others are compared with ("" = the first)
+    root: str = "runs/studies"
+    results: str = "results"
+    description: str = ""         # the recipe and why: copied into the report
+
+
+@dataclass
+class Run:
+    arm: Arm
+    seed: int
+    dir: Path       # where it trains: checkpoints and all
+    archive: Path   # where its small files go when it has finished
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm.name}/seed{self.seed}"
+
+
+# Set by graft-study for each run: an override of one would make every seed the same run, or
+# send a run where the study does not look for it.
+RESERVED = {"seed": "the plan's seeds: list gives them", "output_dir": "each run goes to <root>/<name>/<arm>/seed<k>",
+            "resume": "interrupted runs always resume (resume=auto)"}
+
+
+def _check_reserved(overrides, where: str) -> None:
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in RESERVED:
+            raise ConfigError(f"{where}: {item}: graft-study sets {key} for each run ({RESERVED[key]})")
+
+
+def load_plan(path: str | Path, extra=()) -> Plan:
+    """Read and check a plan; every arm's config is resolved here, with ``extra`` (graft-study's
+    own key=value arguments, which every run gets last), so a bad override fails now, naming the
+    arm, and not hours later, and the process count follows an extra ``data_parallel``."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read plan: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    plan = build(Plan, values, str(path))
+    _check_reserved(plan.overrides, f"{path}: overrides")
+    _check_reserved(extra, "command line")
+    if not plan.name or "/" in plan.name:
+        raise ConfigError(f"{path}: name: a study name without '/' is required")
+    if not plan.arms:
+        raise ConfigError(f"{path}: arms: at least one arm is required")
+    if not plan.seeds or len(set(plan.seeds)) != len(plan.seeds):
+        raise ConfigError(f"{path}: seeds: a list of distinct seeds is required; got {plan.seeds}")
+    names = [a.name for a in plan.arms]
+    for arm in plan.arms:
+        if not arm.name or "/" in arm.name or names.count(arm.name) > 1:
+            raise ConfigError(f"{path}: arms: each arm needs a distinct name without '/'; got {arm.name!r}")
+        if arm.networks < 1:
+            raise ConfigError(f"{path}: arms: {arm.name}: networks must be >= 1; got {arm.networks}")
+        _check_reserved(arm.overrides, f"{path}: arm {arm.name}: overrides")
+        arm.config = arm.config or plan.config
+        if not arm.config:
+            raise ConfigError(f"{path}: config: a base config is required (for the plan or for arm {arm.name})")
+        try:
+            cfg = load_config(arm.config, [*plan.overrides, *arm.overrides, *extra])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: arm {arm.name}: {e}") from None
+        arm.nproc = arm.networks * cfg.data_parallel
+        arm.setup = run_setup(cfg, arm.networks)
+    if plan.reference and plan.reference not in names:
+        raise ConfigError(f"{path}: reference: no arm named {plan.reference!r} (arms: {', '.join(names)})")
+    plan.reference = plan.reference or names[0]
+    return plan
+
+
+def run_setup(cfg, networks: int) -> dict:
+    """What makes the runs of an arm one experiment: every setting that shapes training (as a
+    checkpoint records it) and the number of epochs; not the seed, which each run sets."""
+    setup = {**cfg.setup(networks), "epochs": cfg.epochs}
+    setup.pop("seed")
+    return setup
+
+
+def runs_of(plan: Plan) -> list[Run]:
+    """Seed by seed, arm by arm: every arm of a seed finishes before the next seed starts, so a
+    study cut short already has paired comparisons."""
+    root, archive = Path(plan.root) / plan.name, Path(plan.results) / plan.name
+    return [Run(arm, seed, root / arm.name / f"seed{seed}", archive / arm.name / f"seed{seed}")
+            for seed in plan.seeds for arm in plan.arms]
+
+
+def command(plan: Plan, run: Run, python: str = sys.executable, extra=()) -> list[str]:
+    """The run's torchrun command; ``extra`` overrides (from graft-study's command line) come last."""
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.arm.nproc}",
+            "-m", "graft.train", "--config", run.arm.config, *plan.overrides, *run.arm.overrides,
+            f"seed={run.seed}", f"output_dir={run.dir}", "resume=auto", "progress=false", *extra]
+
+
