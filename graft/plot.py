@@ -208,7 +208,8 @@ def _heatmaps(run: Run, fig) -> None:
         names = {"entropy": "entropy of the weights", "l1": "L1 norm of the weights"}
         label = names.get(run.score_name, run.score_name)
         rows.append((label, run.score, "viridis", Normalize(np.nanmin(run.score), np.nanmax(run.score))))
-    rows.append(("peer distance ||W_peer - W|| / ||W||", distance, "magma", far))
+    if np.isfinite(distance).any():  # metrics older than the peer distance have none
+        rows.append(("peer distance ||W_peer - W|| / ||W||", distance, "magma", far))
     axes = fig.subplots(len(rows), run.networks, squeeze=False, sharex=True, sharey=True)
     names = [name.removesuffix(".weight") for name in run.layers]
     step = max(1, math.ceil(len(names) / 40))  # at most 40 layer names on the axis
@@ -227,7 +228,8 @@ def _heatmaps(run: Run, fig) -> None:
 def draw_run(run: Run, path: str | Path) -> Path:
     """One run: curves on top, per-layer heatmaps below; written as PNG."""
     heat = run.alpha is not None
-    rows_height = (3 if run.score is not None else 2) * max(2.5, 0.12 * len(run.layers)) if heat else 0
+    panels = 1 + (run.score is not None) + bool(heat and np.isfinite(run.peer_distance).any())
+    rows_height = panels * max(2.5, 0.12 * len(run.layers)) if heat else 0
     fig = _figure(max(18.0, 5.0 * run.networks), 4.2 + rows_height)
     fig.suptitle(run.title)
     top, bottom = fig.subfigures(2, 1, height_ratios=[4.2, rows_height]) if heat else (fig, None)

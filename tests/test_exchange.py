@@ -67,11 +67,12 @@ def test_hybrid_two_networks_by_two_replicas(tmp_path):
         torch.testing.assert_close(outs[3]["after"][key], expected[key], rtol=0, atol=0)
 
 
-def test_population_partner_blends_toward_the_mean_of_every_network(tmp_path):
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_population_partner_blends_toward_the_mean_of_every_network(tmp_path, nproc):
     """PAPA's pull, restated: w <- alpha w + (1 - alpha) mean(w_0 .. w_{N-1}), floating tensors only."""
-    outs, _ = run_ring(tmp_path, 3, 1, "auto", "rule=papa")
+    outs, _ = run_ring(tmp_path, nproc, 1, "auto", "rule=papa")
     keys = [k for k, t in outs[0]["before"].items() if t.is_floating_point()]
-    mean = {k: sum(o["before"][k] for o in outs) / 3 for k in keys}
+    mean = {k: sum(o["before"][k] for o in outs) / nproc for k in keys}
     for out in outs:
         assert out["peer"] is None
         for key, own in out["before"].items():

@@ -296,3 +296,28 @@ def test_nearby_seeds_share_no_network():
 
     seeds = {network_seed(s, k) for s in range(50) for k in range(8)}
     assert len(seeds) == 400 and all(0 <= x < 2**32 for x in seeds)
+
+
+@pytest.mark.parametrize("rule", ["grafting.rule=papa", "grafting.criterion=l1"])
+def test_other_rules_train_through_the_same_loop(tmp_path, rule):
+    """PAPA grafts every 10 optimizer steps toward the population's mean (300 images in batches
+    of 50: 6 steps an epoch, so grafts fall on steps 10 and 20, in epochs 2 and 4); l1 grafts at
+    each epoch's end like the paper's rule, with L1 norms as scores."""
+    proc, out = train(tmp_path, 2, rule, "epochs=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = records(out)
+    by = {(r["epoch"], r["network"]): r for r in recs}
+    if "papa" in rule:
+        assert "grafting: rule papa: constant alpha 0.99, toward the population mean, every 10 optimizer steps" \
+            in proc.stdout
+        grafts = [by[e, 0]["grafts"] for e in range(4)]
+        assert sum(grafts) == 24 // 10 and grafts == [0, 1, 0, 1]  # steps 10 (epoch 2) and 20 (epoch 4)
+        for r in recs:
+            assert r["peer"] is None and (r["grafts"] == 0 or r["mean_alpha"] == pytest.approx(0.99))
+        cfg = yaml.safe_load((out / "config.yaml").read_text())["grafting"]
+        assert (cfg["rule"], cfg["criterion"], cfg["partner"], cfg["every_steps"]) == ("papa", "constant",
+                                                                                      "population", 10)
+    else:
+        assert [by[e, 0]["grafts"] for e in range(4)] == [1, 1, 1, 0]  # not after the last epoch
+        layer = by[0, 0]["graft"][0]
+        assert {"l1_self", "l1_peer"} <= set(layer) and layer["l1_self"] > 0
