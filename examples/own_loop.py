@@ -1,15 +1,15 @@
 """Filter grafting in a plain PyTorch training loop: the lines marked "# graft" are all it adds.
 
-    torchrun --standalone --nproc_per_node=2 examples/own_loop.py [epochs]
+    graft-run --standalone --nproc_per_node=2 examples/own_loop.py 3 {network}    # epochs, seed
 
-Each process trains its own network (own seed, own data order); at every epoch end network k
-blends in network k-1's weights, layer by layer.
+graft-run starts one process per network and replaces {network} by its index, so each network
+has its own seed (own initial weights, own data order); the script runs as if started alone
+with python. At every epoch end but the last, network k blends in network k-1's weights.
 """
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -34,14 +34,13 @@ class Net(nn.Module):  # a model of one's own: its layers need no particular nam
         return self.head(x.mean((2, 3)))
 
 
-def main(epochs: int = 3) -> None:
-    dist.init_process_group("gloo")
-    torch.manual_seed(dist.get_rank())  # every network starts and shuffles differently
+def main(epochs: int = 3, seed: int = 0) -> None:
+    torch.manual_seed(seed)  # every network starts and shuffles differently
     train, test, classes, mean, std, _ = load_arrays(DataConfig(root=str(FIXTURE)))
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     model = Net(classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    grafter = graft.Grafter()  # graft
+    grafter = graft.Grafter(epochs=epochs)  # graft
     for epoch in range(epochs):
         model.train()
         for batch in torch.randperm(len(train)).split(50):
@@ -53,9 +52,9 @@ def main(epochs: int = 3) -> None:
         with torch.no_grad():
             acc = (model((test.images / 255 - mean) / std).argmax(1) == test.labels).float().mean().item()
         report = grafter.graft(model)  # graft
-        print(f"network {dist.get_rank()} epoch {epoch + 1}: test accuracy {100 * acc:.1f}%; grafted from "
-              f"network {report.peer}, mean alpha {report.mean_alpha:.3f}", flush=True)
-    dist.destroy_process_group()
+        grafted = "not grafted (the last epoch)" if report is None else \
+            f"grafted from network {report.peer}, mean alpha {report.mean_alpha:.3f}"
+        print(f"seed {seed} epoch {epoch + 1}: test accuracy {100 * acc:.1f}%; {grafted}", flush=True)
 
 
 if __name__ == "__main__":

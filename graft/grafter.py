@@ -59,6 +59,14 @@ def network_seed(seed: int, network: int) -> int:
     return mix_seed(seed, network, 2) % 2**32
 
 
+def load_blended(model: nn.Module, state: dict, new_state: dict) -> None:
+    """Load the blended weights into ``model``, with the module metadata (versions) its
+    ``state_dict()`` carried: MNASNet's loading reads its version from there."""
+    new_state = OrderedDict(new_state)
+    new_state._metadata = getattr(state, "_metadata", None)
+    model.load_state_dict(new_state)
+
+
 def current_topology(data_parallel: int = 1, timeout: float = 300.0) -> gdist.Topology:
     """Where this process stands: a graft-run SCRIPT worker, a member of the script's own process
     group, a torchrun worker (graft starts the group), or alone (a world of one)."""
@@ -156,15 +164,20 @@ class Grafter:
         self.steps += 1
         return None if self.steps % self.spec.every_steps else self._graft(model, f"step {self.steps}")
 
-    def resume(self, model: nn.Module) -> GraftResult | None:
-        """After ``load_state_dict`` and loading the model: the graft a resumed run still owes
-        (its last epoch was the end of a shorter run, and ``epochs`` now goes on past it), else
-        nothing. Collective: every rank."""
-        if self.grafted or self.epochs is None or self.epoch >= self.epochs - 1 or self.spec.per_step:
+    def resume(self, model: nn.Module, epoch: int | None = None) -> GraftResult | None:
+        """After ``load_state_dict`` and loading the model: the graft the loaded run still owes,
+        else nothing. ``epoch``: the last epoch the loaded weights completed (default: the last
+        one this Grafter saw). A graft is owed when that epoch ended without one although the
+        run now goes on past it: it was the end of a shorter run, or the checkpoint was written
+        after the epoch's training but before its graft (Lightning's checkpoint callback).
+        Collective: every rank."""
+        epoch = self.epoch if epoch is None else epoch
+        owed = self.epoch < epoch or (self.epoch == epoch and not self.grafted)
+        if not owed or epoch < 0 or self.spec.per_step or (self.epochs is not None and epoch >= self.epochs - 1):
             return None
-        self.grafted = True
-        logger.info(f"grafting after epoch {self.epoch + 1}: it ended the run that is now extended")
-        return self._graft(model, f"epoch {self.epoch + 1}")
+        self.epoch, self.grafted = epoch, True
+        logger.info(f"grafting after epoch {epoch + 1}: the resumed weights ended it without a graft")
+        return self._graft(model, f"epoch {epoch + 1}")
 
     def _graft(self, model: nn.Module, when: str) -> GraftResult | None:
         topo = self.topology
@@ -176,9 +189,7 @@ class Grafter:
         state = inner.state_dict()
         new_state, result = graft_step(topo, dict(state), self.plan(inner), self.spec, when=when,
                                        exchange=self.exchange)
-        new_state = OrderedDict(new_state)
-        new_state._metadata = getattr(state, "_metadata", None)  # module versions (MNASNet reads them)
-        inner.load_state_dict(new_state)
+        load_blended(inner, state, new_state)
         self.grafts += 1
         if result.identical:
             self._warn_once("identical", IDENTICAL.format(network=topo.network, when=when))

@@ -201,7 +201,7 @@ def test_extending_a_finished_run_follows_the_longer_schedule(reference, tmp_pat
     proc = run(out)  # epochs=3 now
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming after epoch 2/3" in proc.stdout
-    assert "grafting after epoch 2: it ended the run that is now extended" in proc.stdout
+    assert "grafting after epoch 2: the resumed weights ended it without a graft" in proc.stdout
     # That late graft is in epoch 2's records (which came back from the checkpoints), as any other graft.
     late = [r for r in records(out) if r["epoch"] == 1]
     assert sorted(r["network"] for r in late) == [0, 1]

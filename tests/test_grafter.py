@@ -4,6 +4,8 @@ with a model given as "package.module:callable"."""
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import graft
 from graft import core
 from graft.errors import GraftError
 from graft.grafter import unwrap
-from helpers import ROOT, torchrun
+from helpers import ROOT, env, torchrun
 from workers.grafter_worker import Freely, make_model
 
 WORKER = ROOT / "tests" / "workers" / "grafter_worker.py"
@@ -55,6 +57,20 @@ def test_module_plan_of_the_built_in_models_is_the_key_plan(name):
     model = build_model(name, 10)
     a, b = core.module_plan(model), core.make_plan(model.state_dict())
     assert (a.layers, a.follows, a.bn_after, a.next_conv) == (b.layers, b.follows, b.bn_after, b.next_conv)
+
+
+def test_blended_weights_load_with_module_metadata():
+    """MNASNet reads its version from the state dict's metadata when loading: a blend rebuilt
+    without it failed ('version should be set to 1 or 2 instead of None')."""
+    import torchvision
+
+    from graft.grafter import load_blended
+
+    model = torchvision.models.mnasnet0_5(weights=None)
+    state = model.state_dict()
+    load_blended(model, state, {k: v.clone() for k, v in state.items()})
+    with pytest.raises(ValueError, match="version should be set"):
+        model.load_state_dict({k: v.clone() for k, v in state.items()})  # what the Grafter did before
 
 
 def test_unwrap_reaches_the_weights_inside_compile_and_data_parallel():
@@ -132,6 +148,7 @@ def test_grafter_blends_each_network_with_the_previous_one(tmp_path, nproc, mode
     for k, out in enumerate(outs):
         peer = outs[(k - 1) % nproc]
         assert out["peer"] == (k - 1) % nproc
+        assert out["network_group"] == 1  # never the world: DDP given it cannot span networks
         assert_grafted(out["after"], out["before"], peer["before"], core.module_plan(Freely()))
         assert out["bytes"] == sum(t.numel() * t.element_size() for t in out["before"].values())
         layers = [r["layer"] for r in out["records"]]
@@ -180,13 +197,16 @@ def test_networks_of_other_architectures_are_refused_before_blending(tmp_path):
 # ------------------------------------------------------------------------------ example, launcher
 
 def test_the_example_trains_and_grafts_two_networks():
-    proc = torchrun(2, ROOT / "examples" / "own_loop.py", 2)
+    proc = subprocess.run([sys.executable, "-m", "graft.launch", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "examples" / "own_loop.py"), "3", "{network}"], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The two processes share stdout: their lines may interleave.
-    lines = re.findall(r"network (\d) epoch (\d): test accuracy [\d.]+%; grafted from network (\d), "
+    lines = re.findall(r"seed (\d) epoch (\d): test accuracy [\d.]+%; grafted from network (\d), "
                        r"mean alpha (0\.\d+)", proc.stdout)
     assert sorted(line[:3] for line in lines) == [("0", "1", "1"), ("0", "2", "1"), ("1", "1", "0"), ("1", "2", "0")]
     assert all(0.3 <= float(line[3]) <= 0.7 for line in lines)  # A = 0.4: alpha in (0.3, 0.7)
+    assert proc.stdout.count("not grafted (the last epoch)") == 2
     assert len(open(ROOT / "examples" / "own_loop.py").read().splitlines()) <= 65
 
 

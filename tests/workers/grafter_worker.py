@@ -71,7 +71,8 @@ def main():
         opt.step()
     if mode == "joined":
         wrapped = torch.compile(model)  # never run: grafting must reach the weights inside it
-    saved = {"network": topo.network, "replica": topo.replica, "plan": grafter.plan(wrapped)}
+    saved = {"network": topo.network, "replica": topo.replica, "plan": grafter.plan(wrapped),
+             "network_group": dist.get_world_size(topo.network_group)}
     if mode == "steps":
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         saved["log"] = []
