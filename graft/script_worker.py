@@ -7,7 +7,8 @@ rank-0 saving would span the networks. So, before the script runs:
 
 * ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``
   (and torchrun's GROUP/ROLE variables) describe the network's G replicas, with a rendezvous
-  address of their own; with G = 1 none of them is set, as for a script started with ``python``;
+  address of their own; with G = 1 none of them is set, as for a script started with ``python``
+  (Slurm's task layout, ``SLURM_PROCID``, ``SLURM_NTASKS``..., is hidden too);
 * ``GRAFT_*`` describe graft's own world, which ``graft.Grafter()`` joins through process
   groups the script never sees: ``GRAFT_NETWORK``, ``GRAFT_NETWORKS``, ``GRAFT_REPLICA``,
   ``GRAFT_REPLICAS``, and the store and ranks of ``dist.LAUNCHER_ENV``;
@@ -30,10 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-# What torchrun sets that describes its whole job: removed, or replaced by the network's own world.
+# What torchrun (and Slurm's srun, around graft-run) set that describes the whole job: removed, or
+# replaced by the network's own world. Scripts read Slurm's task layout as a world too
+# (torchvision's init_distributed_mode: SLURM_PROCID; Lightning: SLURM_NTASKS).
 TORCHRUN_WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                   "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
-                  "TORCHELASTIC_USE_AGENT_STORE")
+                  "TORCHELASTIC_USE_AGENT_STORE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NTASKS",
+                  "SLURM_NPROCS", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_STEP_NUM_TASKS",
+                  "SLURM_STEP_TASKS_PER_NODE")
 
 
 class LaunchError(Exception):

@@ -16,12 +16,13 @@ from workers.own_script import make_model
 SCRIPT = ROOT / "tests" / "workers" / "own_script.py"
 
 
-def run_script(tmp_path, nproc, *args, data_parallel=None, seed="{network}", name="out", timeout=300):
+def run_script(tmp_path, nproc, *args, data_parallel=None, seed="{network}", name="out", timeout=300, extra_env=None):
     launcher = ["--standalone", f"--nproc_per_node={nproc}"]
     launcher += [f"--data-parallel={data_parallel}"] if data_parallel else []
     cmd = [sys.executable, "-m", "graft.launch", *launcher, str(SCRIPT),
            "--output", str(tmp_path / name / "net{network}"), "--seed", seed, *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def logs(tmp_path, networks=2, name="out"):
@@ -48,7 +49,8 @@ def assert_grafted_exactly(logs_):
 
 @pytest.mark.parametrize("nproc,replicas", [(2, 1), (4, 2)], ids=["2x1", "2x2"])
 def test_each_network_is_a_world_of_its_own(tmp_path, nproc, replicas):
-    proc = run_script(tmp_path, nproc, data_parallel=replicas if replicas > 1 else None)
+    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"}  # graft-run inside an srun step
+    proc = run_script(tmp_path, nproc, data_parallel=replicas if replicas > 1 else None, extra_env=slurm)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs_ = logs(tmp_path)
     for k, log in enumerate(logs_):
@@ -58,6 +60,7 @@ def test_each_network_is_a_world_of_its_own(tmp_path, nproc, replicas):
             assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(e)
         else:  # the network's replicas, with a rendezvous of their own
             assert (e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"]) == ("0", "2", "0")
+        assert "SLURM_PROCID" not in e["all"] and "SLURM_NTASKS" not in e["all"] and "SLURM_JOB_ID" in e["all"]
         for epoch in log["epochs"]:
             assert epoch["seen"] == list(range(48))  # the sampler covers the whole data set in each network
             assert epoch["samples"] == 48  # the all-reduced metric counts this network's replicas only

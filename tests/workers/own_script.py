@@ -93,7 +93,8 @@ def main():
                         "grafter": grafter.state_dict(), "epoch": epoch}, checkpoint)
             torch.save({"epochs": log, "env": {k: v for k, v in os.environ.items()
                                                if k.startswith(("GRAFT_", "RANK", "WORLD_SIZE", "LOCAL_",
-                                                                "MASTER_", "CUDA_VISIBLE"))}}, out / "log.pt")
+                                                                "MASTER_", "CUDA_VISIBLE"))}
+                        | {"all": sorted(os.environ)}}, out / "log.pt")
     if distributed:
         dist.destroy_process_group()
 
