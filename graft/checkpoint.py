@@ -20,7 +20,6 @@ types that state needs are allowed for them.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import pickle
@@ -35,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .config import setup_differences
-from .errors import CheckpointError
+from .errors import CheckpointError, disk_problem
 from .records import EpochRecord
 
 FORMAT = "graft-checkpoint/2"
@@ -71,11 +70,6 @@ NUMBERING = "NUMBERING"  # its presence: this directory's file names count epoch
 # --------------------------------------------------------------------------------------------
 
 
-def disk_problem(path: Path, error: OSError) -> str:
-    """'disk full' or the system's words, for a write that failed."""
-    return "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-
-
 def atomic_save(obj, path: str | Path, what: str = "checkpoint") -> None:
     """Serialize in memory, write to a temporary file in the same directory, fsync, then rename
     over ``path``. A crash or a full disk leaves the previous file untouched (the temporary file
@@ -98,7 +92,7 @@ def atomic_save(obj, path: str | Path, what: str = "checkpoint") -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         before = "the previous one is intact" if path.exists() else "nothing was written"
-        raise CheckpointError(f"{path}: cannot write the {what} ({disk_problem(path, e)}); {before}") from None
+        raise CheckpointError(f"{path}: cannot write the {what} ({disk_problem(e)}); {before}") from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -167,10 +161,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
         with torch.serialization.safe_globals(_numpy_rng_types()):
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(f"{path}: refused: loading it would run code{what}; graft reads checkpoints as weights "
-                              "only. Load only files you made, or trust") from None
+                              "only") from None
     except Exception as e:  # torch raises many types for a damaged file
         why = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None

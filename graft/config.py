@@ -362,7 +362,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file; expected a YAML config") from None
         try:
-            values = yaml.load(text, _UniqueKeyLoader)
+            values = yaml.load(text, UniqueKeyLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -402,7 +402,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return validate(cfg, source, overridden)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error (the
     plain loader keeps the last one silently)."""
 
@@ -440,8 +440,11 @@ def save_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump_config(cfg))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(dump_config(cfg))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def reference_markdown() -> str:

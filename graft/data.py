@@ -28,7 +28,6 @@ import math
 import os
 import posixpath
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +40,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .errors import DataError
+from .checkpoint import atomic_save
+from .errors import CheckpointError, DataError
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -269,11 +269,10 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
 
     blob = {"train_images": train.images, "train_labels": train.labels,
             "test_images": test.images, "test_labels": test.labels, "classes": classes}
-    try:
-        _write_cache(blob, cache)
-    except OSError as e:  # the cache only saves time: train on, and say why it is missing
-        logger.warning(f"data.cache_dir: cannot write the decoded data to {cache} ({e.strerror or e}); "
-                       "every run will decode the archive again")
+    try:  # atomically: concurrent ranks never read a half-written cache
+        atomic_save(blob, cache, "decoded data")
+    except CheckpointError as e:  # the cache only saves time (a full disk too): train on, say why it is missing
+        logger.warning(f"data.cache_dir: {e}; training goes on, and every run decodes the archive again")
     return train, test, len(classes)
 
 
@@ -291,20 +290,6 @@ def _read_cache(cache: str, image_size: int) -> tuple[ArraySplit, ArraySplit, in
             raise ValueError(f"{cache}: not a decoded {split} split")
         splits.append(ArraySplit(images, labels))
     return splits[0], splits[1], len(blob["classes"])
-
-
-def _write_cache(blob: dict, cache: str) -> None:
-    """Atomically: concurrent ranks never read a half-written cache."""
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, cache)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _check_gzip(path: str) -> None:
@@ -556,7 +541,7 @@ class EpochLoader(DataLoader):
 
 
 class Loaders(NamedTuple):
-    train: InMemoryLoader | DataLoader
+    train: InMemoryLoader | DataLoader | None  # None: built for evaluation only
     eval: InMemoryLoader | DataLoader   # the split evaluated every epoch (data.eval_split)
     test: InMemoryLoader | DataLoader   # the test split (the same loader as eval unless eval_split is val)
     num_classes: int
@@ -564,31 +549,51 @@ class Loaders(NamedTuple):
 
 def build_loaders(cfg: DataConfig, batch_size: int, eval_batch_size: int, *, seed: int, device,
                   channels_last: bool = False, rank_in_group: int = 0, group_size: int = 1,
-                  splits: Splits | None = None) -> Loaders:
+                  splits: Splits | None = None, train: bool = True) -> Loaders:
     """The loaders of one replica: in memory when ``cfg.in_memory`` (``splits`` when the caller
     has loaded them already), else DataLoaders over an ImageFolder tree. ``seed`` fixes the
-    training order; ``batch_size`` is per replica; evaluation is never sharded."""
+    training order; ``batch_size`` is per replica; evaluation is never sharded. ``train=False``
+    (graft-eval): no training loader, and the training images stay off the device."""
     if not cfg.in_memory:
-        return build_folder_loaders(cfg, batch_size, eval_batch_size, seed=seed,
-                                    rank_in_group=rank_in_group, group_size=group_size)
+        return build_folder_loaders(cfg, batch_size, eval_batch_size, seed=seed, rank_in_group=rank_in_group,
+                                    group_size=group_size, pin_memory=torch.device(device).type == "cuda",
+                                    train=train)
     data = load_arrays(cfg) if splits is None else splits
     common = dict(device=device, mean=data.mean, std=data.std, channels_last=channels_last)
     train = InMemoryLoader(data.train, batch_size, train=True, seed=seed, rank_in_group=rank_in_group,
-                           group_size=group_size, **common)
+                           group_size=group_size, **common) if train else None
+    check_usable(cfg, data.num_classes, len(data.eval), len(data.test))
     eval_ = InMemoryLoader(data.eval, eval_batch_size, train=False, **common)
     test = eval_ if data.test is data.eval else InMemoryLoader(data.test, eval_batch_size, train=False, **common)
     return Loaders(train, eval_, test, data.num_classes)
 
 
+def check_usable(cfg: DataConfig, num_classes: int, evaluated: int, tested: int) -> None:
+    """Refuse, before any training, data that cannot give a meaningful run: one class (every
+    network reaches 100% at once), or an empty split to evaluate (it would fail after a whole
+    epoch)."""
+    if num_classes < 2:
+        raise DataError(f"data.root: {cfg.root} holds {num_classes} class(es); classification needs 2 or more "
+                        "class folders")
+    if evaluated == 0:
+        why = (f"data.val_fraction={cfg.val_fraction:g} holds out no image (too few images per class)"
+               if cfg.eval_split == "val" else "the test split is empty")
+        raise DataError(f"data.eval_split: {cfg.eval_split}: nothing to evaluate: {why}")
+    if tested == 0:
+        raise DataError(f"data.root: {cfg.root}: the test split is empty")
+
+
 def build_folder_loaders(cfg: DataConfig, batch_size: int, eval_batch_size: int | None = None, *, seed: int,
-                         rank_in_group: int = 0, group_size: int = 1) -> Loaders:
+                         rank_in_group: int = 0, group_size: int = 1, pin_memory: bool = False,
+                         train: bool = True) -> Loaders:
     """``Loaders`` for an ImageFolder tree too big for memory (``test`` is ``eval`` unless
     ``eval_split`` is 'val'; ``eval_batch_size`` defaults to ``batch_size``).
 
     The train loader always uses a ``DistributedSampler`` (num_replicas=group_size,
     rank=rank_in_group, seed=seed; also for group_size 1), so the order is a function of
     (seed, epoch); set the epoch with ``train_loader.set_epoch(epoch)`` (``EpochLoader``, which
-    calls ``train_loader.sampler.set_epoch``). Batches are CPU tensors (pinned on CUDA hosts).
+    calls ``train_loader.sampler.set_epoch``). Batches are CPU tensors (pinned with
+    ``pin_memory``, for a CUDA device: pinning opens a CUDA context, so never for the CPU).
     Unlike ``InMemoryLoader``, only the order is exact on resume: the workers' augmentation
     RNG is seeded once per worker start, not per epoch.
     The eval loader yields the whole eval split, in order, on every replica.
@@ -634,14 +639,16 @@ def build_folder_loaders(cfg: DataConfig, batch_size: int, eval_batch_size: int 
     if len(train_idx) < len(train_labels):
         train_ds = Subset(train_ds, train_idx.tolist())
 
-    common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=cfg.workers > 0)
-    sampler = DistributedSampler(train_ds, num_replicas=group_size, rank=rank_in_group,
-                                 shuffle=True, seed=seed, drop_last=True)
-    train_loader = EpochLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=True,
-                               generator=torch.Generator().manual_seed(seed), **common)
+    common = dict(num_workers=cfg.workers, pin_memory=pin_memory, persistent_workers=cfg.workers > 0)
+    train_loader = None
+    if train:
+        sampler = DistributedSampler(train_ds, num_replicas=group_size, rank=rank_in_group,
+                                     shuffle=True, seed=seed, drop_last=True)
+        train_loader = EpochLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                   generator=torch.Generator().manual_seed(seed), **common)
     # Every network evaluates the whole eval split on its leader rank (see graft.train), so the
     # eval loader is not sharded across replicas.
+    check_usable(cfg, num_classes, len(eval_ds), len(test_ds))
     eval_batch_size = eval_batch_size or batch_size
     eval_loader = EpochLoader(eval_ds, batch_size=eval_batch_size, shuffle=False, **common)
     test_loader = eval_loader

@@ -31,6 +31,18 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used or written: the message names the file and why."""
 
 
+class OutputError(UserError):
+    """A file of a run's or a study's outputs cannot be written (a full or read-only disk)."""
+
+
+def disk_problem(error: OSError) -> str:
+    """'disk full', 'read-only file system', or the system's own words, for a failed write."""
+    import errno
+
+    return {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded"}.get(
+        error.errno, error.strerror or str(error))
+
+
 class TrainingError(UserError):
     """Training cannot go on (the loss is NaN or Inf)."""
 

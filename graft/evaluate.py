@@ -42,12 +42,17 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
             raise ConfigError(f"--split val: {config_file} has data.val_fraction 0: this run held out no "
                               "validation split (--split test evaluates the test set)")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split="val"))
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    try:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           "cpu" if device == "auto" else device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU here (--device cpu, or auto)")
     loaders = build_loaders(dataclasses.replace(cfg.data, workers=0), 1, cfg.eval_batch_size, seed=0,
-                            device=dev, channels_last=cfg.channels_last)
+                            device=dev, channels_last=cfg.channels_last, train=False)
     loader = loaders.eval if split == "val" else loaders.test
     model = build_model(cfg.model, cfg.num_classes).to(dev)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)

@@ -130,7 +130,10 @@ class Grafter:
         keys = tuple(inner.state_dict().keys())
         cached = self._plans.get(id(inner))
         if cached is None or cached[0] != keys:
-            cached = self._plans[id(inner)] = (keys, self.spec.plan(inner))
+            try:
+                cached = self._plans[id(inner)] = (keys, self.spec.plan(inner))
+            except rules.SpecError as e:
+                raise GraftError(f"Grafter: {e}") from None
         return cached[1]
 
     def graft(self, model: nn.Module, *, epoch: int | None = None) -> GraftResult | None:

@@ -21,6 +21,7 @@ import argparse
 import io
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def gpus_of_this_node() -> str:
 
 
 def failure_lines(error: ChildFailedError) -> list[str]:
-    """Each distinct line the failed workers left (see graft.train.report_error), in rank order;
+    """Each distinct line the failed workers left (see graft.cli.report_error), in rank order;
     for a worker that left none (killed, or a bug's traceback above), a line saying how it ended."""
     lines: list[str] = []
     for rank, failure in sorted(error.failures.items()):
@@ -122,7 +123,13 @@ def failure_lines(error: ChildFailedError) -> list[str]:
             line = f"graft: error: rank {rank} exited with code {failure.exitcode}; its output above says why"
         if line not in lines:
             lines.append(line)
-    return lines
+    # A worker that failed makes torchrun stop the others with SIGTERM: their "stopped" lines are
+    # its consequence, and the failing worker's own line says what to do.
+    causes = [line for line in lines if not STOPPED_BY_AGENT.search(line)]
+    return causes or lines
+
+
+STOPPED_BY_AGENT = re.compile(r": received SIG(TERM|INT): stopped between steps|was killed by SIG(TERM|INT)$")
 
 
 def quiet_torchrun_logs() -> None:

@@ -3,13 +3,16 @@ table and the end-of-run summary: rank 0 only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
 from .config import Config, save_config
+from .errors import OutputError, disk_problem
 from .records import EpochRecord
 from .stats import mean_std
 
@@ -46,8 +49,20 @@ class Progress:
                              img_s=f"{rate:.0f}", refresh=False)
 
 
+@contextlib.contextmanager
+def writing(path: Path, what: str):
+    """A write of the run's own files: a full or read-only disk ends the run in one line that
+    names the file and says what is intact."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write {what} ({disk_problem(e)}); the checkpoints written so far are "
+                          "intact: free some space (or give output_dir=... elsewhere) and rerun to resume") from None
+
+
 class TensorBoardLog:
-    """Scalars per network per epoch, when tensorboard is installed (rank 0 only)."""
+    """Scalars per network per epoch, when tensorboard is installed (rank 0 only). Optional: a
+    disk it cannot write turns it off with a warning (metrics.jsonl holds every value)."""
 
     KEYS = ("lr", "train_loss", "train_acc", "mean_alpha", "mean_peer_distance", "images_per_sec", "epoch_seconds",
             "graft_seconds")
@@ -60,11 +75,30 @@ class TensorBoardLog:
             return
         # Drop the points from purge_from on, which this run writes (again, after a resume or
         # when starting over), as metrics.jsonl does.
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_from)
+        folder = Path(run_dir) / "tensorboard"
+        try:  # a probe first: on a full disk the writer's own thread dies with a traceback
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder) as probe:
+                probe.write(b"\0" * 65536)
+                probe.flush()
+                os.fsync(probe.fileno())
+            self.writer = SummaryWriter(str(folder), purge_step=purge_from)
+        except OSError as e:
+            self.off(folder, e)
+
+    def off(self, folder, error: OSError) -> None:
+        logger.warning(f"{folder}: TensorBoard off ({disk_problem(error)}); metrics.jsonl holds every value")
+        self.writer = None
 
     def write(self, records: list[EpochRecord]) -> None:
         if self.writer is None:
             return
+        try:
+            self._write(records)
+        except OSError as e:
+            self.off(self.writer.log_dir, e)
+
+    def _write(self, records: list[EpochRecord]) -> None:
         for r in records:
             net, epoch = f"net{r.network}", r.epoch
             for key in self.KEYS:
@@ -88,12 +122,13 @@ class MetricsLog:
         self.path = Path(path)
 
     def write(self, records: list[EpochRecord]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r.to_json()) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with writing(self.path, "the metrics"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                for r in records:
+                    f.write(json.dumps(r.to_json()) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
     def read(self) -> list[EpochRecord]:
         if not self.path.exists():
@@ -136,8 +171,12 @@ class MetricsLog:
 
     def _rewrite(self, records: list[EpochRecord]) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
-        os.replace(tmp, self.path)
+        with writing(self.path, "the metrics"):
+            try:
+                tmp.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 class RunLog:
@@ -154,7 +193,8 @@ class RunLog:
     def __init__(self, cfg: Config, first_epoch: int, resumed: list[EpochRecord]):
         self.dir = Path(cfg.output_dir)
         self.epochs, self.thresholds = cfg.epochs, tuple(cfg.invalid_thresholds)
-        save_config(cfg, self.dir / "config.yaml")
+        with writing(self.dir / "config.yaml", "the run's config"):
+            save_config(cfg, self.dir / "config.yaml")
         self.metrics = MetricsLog(self.dir / "metrics.jsonl")
         if first_epoch == 0 and self.metrics.read():
             logger.info(f"starting over: the metrics of the earlier run are kept in {self.metrics.set_aside()}")
@@ -177,7 +217,8 @@ class RunLog:
         if not records:
             return None
         summary = summarize(records, test)
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        with writing(self.dir / "summary.json", "the summary"):
+            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.info(summary["table"])
         return summary
 

@@ -287,9 +287,16 @@ class GraftSpec:
         """How ``model_or_state``'s tensors group into layers for this criterion (a module's
         plan finds normalization layers by type; a state dict's by key names)."""
         compat = self.criterion_rule.compat
-        if isinstance(model_or_state, torch.nn.Module):
-            return core.module_plan(model_or_state, compat)
-        return core.make_plan(model_or_state, compat)
+        is_model = isinstance(model_or_state, torch.nn.Module)
+        state = model_or_state.state_dict() if is_model else model_or_state
+        complex_ = [k for k, t in state.items() if t.is_complex()]
+        if complex_:
+            raise SpecError(f"model: {complex_[0]!r} holds complex values, which grafting does not blend (a "
+                            "histogram entropy of complex weights is undefined); graft a model with real weights")
+        plan = core.module_plan(model_or_state, compat) if is_model else core.make_plan(model_or_state, compat)
+        if not plan.layers:
+            raise SpecError("model: no floating-point tensor to graft (an empty model, or integer buffers only)")
+        return plan
 
 
 def differences(a: Mapping, b: Mapping) -> list[str]:

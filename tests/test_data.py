@@ -2,6 +2,7 @@
 
 import io
 import tarfile
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 import graft.data as data
 import graft.log as graft_log
+from graft.config import DataConfig
 from graft.data import (
     ArraySplit,
     DataError,
@@ -20,26 +22,7 @@ from graft.data import (
     check_data,
     load_arrays,
 )
-
-try:
-    from graft.config import DataConfig
-except ImportError:  # config.py is the lead's; the fields used here are the documented ones
-    from dataclasses import dataclass
-
-    @dataclass
-    class DataConfig:
-        name: str = "cifar10"
-        root: str = "data"
-        download: bool = False
-        train_subset: int = 0
-        test_subset: int = 0
-        val_fraction: float = 0.0
-        eval_split: str = "test"
-        workers: int = 2
-        cache_dir: str = ""
-        in_memory: bool = True
-        image_size: int = 32
-
+from helpers import fill, small_disk
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cifar10_sample.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -157,7 +140,39 @@ def test_unwritable_cache_is_a_warning(tmp_path, capsys):
     blocker.write_text("")
     train, *_ = load_arrays(DataConfig(name="tar", root=str(FIXTURE), cache_dir=str(blocker / "cache")))
     assert len(train.labels) == 1000
-    assert "graft: warning: data.cache_dir: cannot write the decoded data" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("graft: warning: data.cache_dir: ") and "cannot write the decoded data" in err
+
+
+def test_a_full_disk_under_the_cache_is_a_warning(tmp_path, capsys):
+    """On a real full file system (torch.save's own writer would turn ENOSPC into an opaque
+    RuntimeError): the cache is optional, training goes on."""
+    graft_log.setup(0, 1)
+    with small_disk(tmp_path / "disk") as disk:
+        fill(disk)
+        train, *_ = load_arrays(DataConfig(name="tar", root=str(FIXTURE), cache_dir=str(disk)))
+        assert len(train.labels) == 1000
+        assert sorted(p.name for p in disk.iterdir()) == [".filler"]  # no half-written cache left
+    err = capsys.readouterr().err
+    assert "cannot write the decoded data (disk full)" in err and "training goes on" in err
+
+
+@pytest.mark.parametrize("kind", ["one class", "empty validation"])
+def test_degenerate_data_is_refused_before_training(tmp_path, kind):
+    """One class trains to 100% at once; an empty validation split failed after a whole epoch."""
+    classes = ["a"] if kind == "one class" else ["a", "b"]
+    root = tmp_path / "tree"
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            (root / split / c / "0.png").write_bytes(png_bytes((10, 20, 30)))
+    cfg = DataConfig(name="imagefolder", root=str(root), image_size=8,
+                     **({"val_fraction": 0.1, "eval_split": "val"} if kind != "one class" else {}))
+    message = "holds 1 class\\(es\\); classification needs 2" if kind == "one class" else \
+        "data.eval_split: val: nothing to evaluate: data.val_fraction=0.1 holds out no image"
+    for in_memory in (True, False):
+        with pytest.raises(DataError, match=message):
+            build_loaders(dataclass_replace(cfg, in_memory=in_memory, workers=0), 2, 2, seed=0, device="cpu")
 
 
 def test_a_foreign_cache_file_is_rebuilt(tmp_path):

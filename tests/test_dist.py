@@ -157,3 +157,16 @@ def test_a_peer_waiting_at_another_point_is_named_at_once():
     store.set("arrive/epoch 1 graft/0", "1")
     with pytest.raises(PeerTimeout, match=r"network 1 \(rank 1\) did not arrive at epoch 2 graft within 0.3 s"):
         gdist.arrive(topo, "epoch 2 graft", timeout=0.3)
+
+
+def test_a_scripts_cuda_device_is_its_local_rank_when_it_never_set_one(monkeypatch):
+    """A script that moved its model with .to(f"cuda:{local_rank}") and never called set_device
+    has current_device() 0 on every rank: the Grafter takes LOCAL_RANK's GPU instead."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert gdist.script_device({"cpu": "gloo", "cuda": "nccl"}) == torch.device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # it did call set_device
+    assert gdist.script_device({"cuda": "nccl"}) == torch.device("cuda", 3)
+    assert gdist.script_device({"cpu": "gloo"}) == torch.device("cpu")

@@ -278,3 +278,114 @@ def test_foreign_file_is_not_a_checkpoint(tmp_path):
     torch.save({"net": {}}, path)
     with pytest.raises(checkpoint.CheckpointError, match="not a graft checkpoint"):
         checkpoint.load(path)
+
+
+class _Planted:
+    """A pickle that runs code when loaded: it would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mknod, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path):
+    path, marker = tmp_path / "evil.pt", tmp_path / "ran"
+    torch.save({"format": checkpoint.FORMAT, "model": {}, "payload": _Planted(marker)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"evil.pt: refused: loading it would run code "
+                                                         r"\(posix.mknod\); graft reads checkpoints as weights only"):
+        checkpoint.load(path)
+    assert not marker.exists()
+    # graft-eval reads through the same loader: one line, no code run, no traceback.
+    (tmp_path / "config.yaml").write_text("model: resnet8\n")
+    run_dir = tmp_path / "run" / "checkpoints" / "net0"
+    run_dir.mkdir(parents=True)
+    shutil.copy(path, run_dir / "best.pt")
+    proc = subprocess.run([sys.executable, "-m", "graft.evaluate", str(run_dir / "best.pt")], cwd=ROOT, env=env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "refused: loading it would run code" in proc.stderr
+    assert "Traceback" not in proc.stderr and not marker.exists()
+
+
+def test_a_checkpoint_of_the_format_before_still_resumes(tmp_path):
+    """graft-checkpoint/1 stored numpy's RNG state as a pickled array and a top-level 'grafted':
+    it loads as weights only (exactly those numpy types allowed) and restores every RNG."""
+    import random
+
+    import numpy as np
+
+    from graft import dist
+    from graft.checkpoint import ResumePoint
+    from graft.grafter import Grafter
+
+    np.random.seed(5)
+    random.seed(6)
+    torch.manual_seed(7)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    old = {"format": "graft-checkpoint/1", "network": 0, "epoch": 3, "grafted": False, "best_acc": 50.0,
+           "record": {"epoch": 3, "network": 0, "test_acc": 50.0}, "model": model.state_dict(),
+           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": None,
+           "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                   "cuda": None}, "setup": {"model": "x"}}
+    want = (np.random.rand(), random.random(), torch.rand(1))
+    path = tmp_path / "epoch0003.pt"
+    torch.save(old, path)
+    point = ResumePoint(torch.nn.Linear(3, 2), optimizer, scheduler, None,
+                        Grafter(epochs=10, topology=dist.Topology()), torch.device("cpu"))
+    point.load_state_dict(checkpoint.load(path))
+    assert (point.epoch, point.grafted, point.record.acc) == (3, False, 50.0)
+    assert (np.random.rand(), random.random(), torch.rand(1)) == want
+    assert torch.equal(point.model.weight, model.weight)
+
+
+def test_a_damaged_best_is_named_and_never_replaced(tmp_path):
+    """A truncated best.pt was taken for 'a best.pt from a later epoch' and replaced by the older
+    best.prev.pt, silently changing the summary's best-validation weights."""
+    checkpoint.save_best(tmp_path, 0, 1, 40.0, "val", {}, {"w": torch.ones(2)})
+    checkpoint.save_best(tmp_path, 0, 4, 45.0, "val", {}, {"w": torch.ones(2)})
+    best = checkpoint.network_dir(tmp_path, 0) / "best.pt"
+    best.write_bytes(best.read_bytes()[:100])
+    before = sorted(p.name for p in best.parent.iterdir())
+    with pytest.raises(checkpoint.CheckpointError, match=r"best.pt: unreadable checkpoint .* which no other file "
+                                                         r"replaces: restore it, or move it away"):
+        checkpoint.set_aside_best_after(tmp_path, 0, 5)
+    assert sorted(p.name for p in best.parent.iterdir()) == before and best.stat().st_size == 100
+
+
+def test_a_full_disk_stops_a_run_in_one_line_and_it_resumes(tmp_path):
+    """A real full file system under output_dir: one line naming the file, nothing lost; with
+    space again the same command resumes."""
+    def graft_run(epochs):
+        cmd = command(out, overrides=[f"epochs={epochs}", f"data.cache_dir={tmp_path / 'cache'}"])
+        cmd = [sys.executable, "-m", "graft.launch", *cmd[3:cmd.index("-m", 3)], *cmd[cmd.index("-m", 3) + 2:]]
+        return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+
+    with small_disk(tmp_path / "disk", "32m") as disk:
+        out = disk / "run"
+        assert graft_run(1).returncode == 0
+        fill(disk)
+        proc = graft_run(2)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and "(disk full)" in lines[0] and str(out) in lines[0], proc.stderr[-3000:]
+        assert checkpoint.newest_complete(out, 0)[0] == 0  # epoch 1's resume point intact
+        (disk / ".filler").unlink()
+        proc = graft_run(2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resuming after epoch 1/2" in proc.stdout
+        assert sorted((r["epoch"], r["network"]) for r in records(out)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_tensorboard_on_a_full_disk_is_turned_off_with_a_warning(tmp_path, caplog):
+    pytest.importorskip("torch.utils.tensorboard")
+    from graft.report import TensorBoardLog
+
+    with small_disk(tmp_path / "disk") as disk:
+        fill(disk)
+        with caplog.at_level("WARNING", logger="graft"):
+            log = TensorBoardLog(disk / "run")
+        assert log.writer is None
+        assert "TensorBoard off (disk full); metrics.jsonl holds every value" in caplog.text

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import graft
-from graft import core
+from graft import core, dist
 from graft.errors import GraftError
 from graft.grafter import unwrap
 from helpers import ROOT, env, torchrun
@@ -57,6 +57,23 @@ def test_module_plan_of_the_built_in_models_is_the_key_plan(name):
     model = build_model(name, 10)
     a, b = core.module_plan(model), core.make_plan(model.state_dict())
     assert (a.layers, a.follows, a.bn_after, a.next_conv) == (b.layers, b.follows, b.bn_after, b.next_conv)
+
+
+def test_a_model_with_nothing_to_graft_is_refused_in_one_line():
+    for model in (nn.Module(), nn.Sequential(nn.ReLU())):
+        with pytest.raises(GraftError, match="^Grafter: model: no floating-point tensor to graft"):
+            graft.Grafter(topology=dist.Topology()).plan(model)
+
+
+def test_complex_weights_are_refused_not_skipped():
+    model = nn.Linear(3, 2)
+    model.register_parameter("phase", nn.Parameter(torch.zeros(2, dtype=torch.complex64)))
+    with pytest.raises(GraftError, match=r"^Grafter: model: 'phase' holds complex values"):
+        graft.Grafter(topology=dist.Topology()).plan(model)
+    only_ints = nn.Module()
+    only_ints.register_buffer("count", torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(GraftError, match="no floating-point tensor"):
+        graft.Grafter(topology=dist.Topology()).plan(only_ints)
 
 
 def test_blended_weights_load_with_module_metadata():

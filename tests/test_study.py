@@ -253,7 +253,7 @@ def test_a_run_that_exits_0_without_a_summary_fails_the_study(tmp_path, monkeypa
     from graft.study import runner
 
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(runner, "run_one", lambda plan, run, extra=(): 0)  # as if it wrote elsewhere
+    monkeypatch.setattr(runner, "run_one", lambda plan, run, extra=(): (0, []))  # as if it wrote elsewhere
     assert study.main([str(PLAN), "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]) == 1
     assert "independent/seed0 failed (exit 0, but no " in capsys.readouterr().err
 
@@ -303,3 +303,49 @@ def test_what_the_report_says_of_code_versions():
     assert _versions({"a": {"1" * 40}, "b": {"2" * 40}}, [])[0].startswith("**Arms ran different commits**")
     said = "\n".join(_versions({"a": {"unknown"}, "b": {"unknown"}}, []))
     assert "**Code version unknown** for runs of arm(s) a, b" in said and "clean tree" not in said
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: a\nname: b\n", r"key 'name' given twice"),
+    ("name: ..\nconfig: configs/quickstart.yaml\narms: [{name: a}]\n", r"name: '\.\.': a study needs a name"),
+    ("name: x\nconfig: configs/quickstart.yaml\narms: [{name: ../out}]\n", r"arms: each arm needs a distinct name"),
+    ("name: x\nconfig: configs/quickstart.yaml\nseeds: [-1]\narms: [{name: a}]\n",
+     r"seeds: a list of distinct seeds >= 0"),
+    ("name: x\nconfig: configs/quickstart.yaml\narms: [{name: a, overrides: [grafting.A=0, grafting.A=0.4]}]\n",
+     r"arm a: overrides: grafting.A is given twice"),
+    ("name: x\nconfig: configs/quickstart.yaml\narms: [{name: a, overrides: [data.root=nope.tar.gz]}]\n",
+     r"arm a: data.root: no such file: nope.tar.gz"),
+])
+def test_a_plan_is_checked_when_it_loads(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(ROOT)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_plan(plan)
+
+
+def test_bad_files_and_arguments_of_graft_study_are_one_line(tmp_path, monkeypatch, capsys):
+    from graft import study
+
+    monkeypatch.chdir(ROOT)
+    binary = tmp_path / "plan.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    assert study.main([str(binary)]) == 2
+    assert capsys.readouterr().err.strip() == f"graft-study: error: {binary}: not a text file; expected a YAML plan"
+    with pytest.raises(SystemExit):
+        study.main([str(PLAN), "--max-runs=-1"])
+    assert "--max-runs must be >= 0" in capsys.readouterr().err
+    # A results folder that cannot be written: one line, no traceback.
+    blocked = tmp_path / "results"
+    blocked.write_text("a file, not a folder")
+    assert study.main([str(PLAN), "--results", str(blocked), "--report"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"graft-study: error: {blocked}: cannot write the study's report") and "Traceback" not in err
+    # An archived summary without the figures the report reads: named.
+    archive = tmp_path / "res" / "tiny" / "graft" / "seed0"
+    archive.mkdir(parents=True)
+    write_json(archive / "study.json", {"finished": True, "wall_seconds": 1.0, "attempts": []})
+    (archive / "summary.json").write_text("{}")
+    (archive / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "network": 0, "val_acc": 1.0}) + "\n")
+    assert study.main([str(PLAN), "--results", str(tmp_path / "res"), "--report"]) == 2
+    assert f"graft-study: error: {archive}: an archived file lacks a value the report needs" in capsys.readouterr().err

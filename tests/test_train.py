@@ -142,6 +142,16 @@ def test_folder_data_through_dataloader_workers(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"--device cuda: no CUDA GPU here"):
             evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0001.pt", "test", device="cuda")
+    with pytest.raises(ConfigError, match=r"--device tpu: expected auto, cpu, cuda or cuda:N"):
+        evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0001.pt", "test", device="tpu")
+    from graft.checkpoint import CheckpointError
+
+    for payload, message in (({"format": "graft-checkpoint/2"}, "a graft checkpoint without model weights"),
+                             ({"format": "graft-checkpoint/2", "model": [1, 2]}, "without model weights")):
+        bad = out / "checkpoints" / "net0" / "bad.pt"
+        torch.save(payload, bad)
+        with pytest.raises(CheckpointError, match=message):
+            evaluate_checkpoint(bad, "test")
 
 
 def test_hybrid_mode_trains_two_networks_of_two_replicas(tmp_path):

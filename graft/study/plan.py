@@ -3,13 +3,15 @@ at once (every arm's config resolved), and the runs it names."""
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, build, load_config
+from ..config import ConfigError, UniqueKeyLoader, build, load_config
+from ..data import DataError, check_data
 
 
 @dataclass
@@ -53,11 +55,21 @@ RESERVED = {"seed": "the plan's seeds: list gives them", "output_dir": "each run
             "resume": "interrupted runs always resume (resume=auto)"}
 
 
-def _check_reserved(overrides, where: str) -> None:
+def _check_overrides(overrides, where: str) -> None:
+    """Refuse what graft-study sets itself, and a key given twice in one list (the last would win
+    silently)."""
+    seen = set()
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key in RESERVED:
             raise ConfigError(f"{where}: {item}: graft-study sets {key} for each run ({RESERVED[key]})")
+        if key in seen:
+            raise ConfigError(f"{where}: {key} is given twice; give it once")
+        seen.add(key)
+
+
+# A study's and an arm's names are folders: no separators, no '..'.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def load_plan(path: str | Path, extra=()) -> Plan:
@@ -65,35 +77,43 @@ def load_plan(path: str | Path, extra=()) -> Plan:
     own key=value arguments, which every run gets last), so a bad override fails now, naming the
     arm, and not hours later, and the process count follows an extra ``data_parallel``."""
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = yaml.load(Path(path).read_text(), UniqueKeyLoader)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read plan: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; expected a YAML plan") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     plan = build(Plan, values, str(path))
-    _check_reserved(plan.overrides, f"{path}: overrides")
-    _check_reserved(extra, "command line")
-    if not plan.name or "/" in plan.name:
-        raise ConfigError(f"{path}: name: a study name without '/' is required")
+    _check_overrides(plan.overrides, f"{path}: overrides")
+    _check_overrides(extra, "command line")
+    if not NAME.fullmatch(plan.name or ""):
+        raise ConfigError(f"{path}: name: {plan.name!r}: a study needs a name of letters, digits, '_', '-' and '.' "
+                          "(it is a folder under the root and the results)")
     if not plan.arms:
         raise ConfigError(f"{path}: arms: at least one arm is required")
-    if not plan.seeds or len(set(plan.seeds)) != len(plan.seeds):
-        raise ConfigError(f"{path}: seeds: a list of distinct seeds is required; got {plan.seeds}")
+    if not plan.seeds or len(set(plan.seeds)) != len(plan.seeds) or any(s < 0 for s in plan.seeds):
+        raise ConfigError(f"{path}: seeds: a list of distinct seeds >= 0 is required; got {plan.seeds}")
     names = [a.name for a in plan.arms]
+    checked_data = []
     for arm in plan.arms:
-        if not arm.name or "/" in arm.name or names.count(arm.name) > 1:
-            raise ConfigError(f"{path}: arms: each arm needs a distinct name without '/'; got {arm.name!r}")
+        if not NAME.fullmatch(arm.name or "") or names.count(arm.name) > 1:
+            raise ConfigError(f"{path}: arms: each arm needs a distinct name of letters, digits, '_', '-' and '.' "
+                              f"(a folder of the study); got {arm.name!r}")
         if arm.networks < 1:
             raise ConfigError(f"{path}: arms: {arm.name}: networks must be >= 1; got {arm.networks}")
-        _check_reserved(arm.overrides, f"{path}: arm {arm.name}: overrides")
+        _check_overrides(arm.overrides, f"{path}: arm {arm.name}: overrides")
         arm.config = arm.config or plan.config
         if not arm.config:
             raise ConfigError(f"{path}: config: a base config is required (for the plan or for arm {arm.name})")
         try:
             cfg = load_config(arm.config, [*plan.overrides, *arm.overrides, *extra])
-        except ConfigError as e:
+            if cfg.data not in checked_data:  # now, not when the arm's first run starts hours later
+                check_data(cfg.data)
+                checked_data.append(cfg.data)
+        except (ConfigError, DataError) as e:
             raise ConfigError(f"{path}: arm {arm.name}: {e}") from None
         arm.nproc = arm.networks * cfg.data_parallel
         arm.setup = run_setup(cfg, arm.networks)
@@ -120,9 +140,10 @@ def runs_of(plan: Plan) -> list[Run]:
 
 
 def command(plan: Plan, run: Run, python: str = sys.executable, extra=()) -> list[str]:
-    """The run's torchrun command; ``extra`` overrides (from graft-study's command line) come last."""
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.arm.nproc}",
-            "-m", "graft.train", "--config", run.arm.config, *plan.overrides, *run.arm.overrides,
+    """The run's graft-run command (a failing run ends in its one error line); ``extra``
+    overrides (from graft-study's command line) come last."""
+    return [python, "-m", "graft.launch", "--standalone", f"--nproc_per_node={run.arm.nproc}",
+            "--config", run.arm.config, *plan.overrides, *run.arm.overrides,
             f"seed={run.seed}", f"output_dir={run.dir}", "resume=auto", "progress=false", *extra]
 
 

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from ..config import ConfigError, load_config, setup_differences
-from ..report import MetricsLog
+from ..report import MetricsLog, writing
 from ..stats import mean_std, paired_difference
 from .archive import finished, read_json, read_state
 from .plan import Plan, Run, run_setup
@@ -30,9 +30,18 @@ def fmt_duration(seconds: float) -> str:
 
 
 def run_result(run: Run) -> dict | None:
-    """The figures of one finished run (from its archived files), or None."""
+    """The figures of one finished run (from its archived files), or None. A file that lacks
+    what the report needs is named."""
     if not finished(run):
         return None
+    try:
+        return _run_result(run)
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{run.archive}: an archived file lacks a value the report needs ({type(e).__name__}: "
+                          f"{e}); restore it, or remove the folder to run it again") from None
+
+
+def _run_result(run: Run) -> dict:
     state = read_state(run.archive)
     summary = read_json(run.archive / "summary.json")
     records = MetricsLog(run.archive / "metrics.jsonl").latest()
@@ -134,7 +143,13 @@ def _machine_keys(results) -> dict[str, str]:
 
 
 def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> Path:
-    """Write ``<results>/<name>.md`` (and ``.png`` when matplotlib is installed); returns the .md path."""
+    """Write ``<results>/<name>.md`` (and ``.png`` when matplotlib is installed); returns the .md
+    path. A results folder it cannot write ends in one line (OutputError)."""
+    with writing(Path(plan.results), "the study's report"):
+        return _write_report(plan, runs, plan_path)
+
+
+def _write_report(plan: Plan, runs: list[Run], plan_path: str | None) -> Path:
     results = {r.label: run_result(r) for r in runs}
     arms = [a.name for a in plan.arms]
     per_arm = {a: {r.seed: results[r.label] for r in runs if r.arm.name == a and results[r.label]} for a in arms}

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 
-from ..config import ConfigError
+from ..errors import UserError
+from ..report import writing
 from .archive import archive, code_version, finished, read_state, write_distance, write_state
 from .plan import Plan, Run, command, load_plan, runs_of
 from .report import fmt_duration, write_report
@@ -33,10 +34,12 @@ def time_left(runs: list[Run], left: list[Run]) -> float | None:
     return sum(statistics.mean(walls.get(r.arm.name, every)) for r in left)
 
 
-def run_one(plan: Plan, run: Run, extra=()) -> int:
-    """One run, resumed if it was interrupted; its output goes to the terminal and to log.txt."""
+def run_one(plan: Plan, run: Run, extra=()) -> tuple[int, list[str]]:
+    """One run, resumed if it was interrupted; its output goes to the terminal and to log.txt.
+    Returns its exit code and its 'graft: error:' lines."""
     from ..engine import machine_name  # torch: imported when a run starts, not for --dry-run or a plan error
 
+    errors = []  # graft-run's one line per distinct error
     state = read_state(run.dir)
     state["attempts"].append({**code_version(plan.results), "machine": machine_name(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -51,6 +54,8 @@ def run_one(plan: Plan, run: Run, extra=()) -> int:
                 logfile.write(line)
                 logfile.flush()
                 print(f"  {line.rstrip()}")
+                if line.startswith("graft: error:"):
+                    errors.append(line.strip())
             code = proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM: the training stops between steps, the checkpoint stays
             os.killpg(proc.pid, signal.SIGTERM)
@@ -61,9 +66,10 @@ def run_one(plan: Plan, run: Run, extra=()) -> int:
             state["finished"] = proc.poll() == 0 and (run.dir / "summary.json").exists()
             write_state(run, state)
     if state["finished"]:
-        archive(run)
+        with writing(run.archive, "the run's archive"):
+            archive(run)
         write_distance(run)
-    return code
+    return code, errors
 
 
 def study(plan: Plan, args) -> int:
@@ -97,14 +103,15 @@ def study(plan: Plan, args) -> int:
         eta = "" if seconds is None else f"; about {fmt_duration(seconds)} left"
         print(f"[{len(runs) - len(left) + i + 1}/{len(runs)}] {run.label} -> {run.dir}{eta}")
         try:
-            code = run_one(plan, run, args.overrides)
+            code, errors = run_one(plan, run, args.overrides)
         except KeyboardInterrupt:
             print(f"interrupted: {run.label} stopped; the same command resumes it after its last finished epoch")
             return 130
         if code != 0 or not finished(run):
             why = f"exit {code}" if code != 0 else f"exit 0, but no {run.dir / 'summary.json'}"
+            said = "".join(f"\n  {line}" for line in errors)
             print(f"graft-study: error: {run.label} failed ({why}); see {run.dir / 'log.txt'}. "
-                  "Fix the cause and run the same command to resume.", file=sys.stderr)
+                  f"Fix the cause and run the same command to resume.{said}", file=sys.stderr)
             return 1
         done_now += 1
         print(f"report: {write_report(plan, all_runs, args.plan)}")
@@ -126,6 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value added to every run, e.g. data.root=... "
                         "(give the same ones when continuing: a run resumes only with the settings it started with)")
     args = parser.parse_intermixed_args(argv)
+    if args.max_runs < 0:
+        parser.error(f"--max-runs must be >= 0 (0: all); got {args.max_runs}")
     sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, into a file too
     signal.signal(signal.SIGTERM, _terminate)  # stop the run in hand as Ctrl-C does
 
@@ -133,7 +142,7 @@ def main(argv=None) -> int:
         plan = load_plan(args.plan, args.overrides)
         plan.root, plan.results = args.root or plan.root, args.results or plan.results
         return study(plan, args)
-    except ConfigError as e:  # a bad plan, override or archived file
+    except UserError as e:  # a bad plan, override or archived file; a results folder it cannot write
         print(f"graft-study: error: {e}", file=sys.stderr)
         return 2
 
