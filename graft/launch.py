@@ -67,11 +67,11 @@ def parse_args(argv: list[str]):
         parser.error("graft-run starts its workers with python itself: leave out --no-python and --run-path")
     if args.data_parallel is not None and args.data_parallel < 1:
         parser.error(f"--data-parallel must be >= 1; got {args.data_parallel}")
+    if args.module and (args.config or args.print_config):
+        parser.error(f"-m MODULE runs a script; with --config graft-run starts 'python -m {ENTRY}' itself")
     script = args.module or (args.config is None and not args.print_config and words and "=" not in words[0])
     if script:
         return _script_args(parser, args, words), None, words, False
-    if args.module:
-        parser.error(f"-m MODULE runs a script; with --config graft-run starts 'python -m {ENTRY}' itself")
     options = [word for word in words if word.startswith("-")]
     if options:
         parser.error(f"torchrun options and --config go before the key=value overrides: {' '.join(options)}")
@@ -91,6 +91,9 @@ def _script_args(parser, args, words: list[str]):
     if not words:
         parser.error("-m needs a module name")
     target = words[0]
+    if args.module and target in (ENTRY, "graft.train", "graft"):  # it would train each network alone
+        parser.error(f"graft-run starts 'python -m {ENTRY}' itself: give --config FILE and key=value overrides "
+                     "without -m")
     if not args.module and not Path(target).is_file():
         parser.error(f"{target}: no such training script (graft-run SCRIPT.py [args], or -m MODULE [args]; "
                      "a config goes with --config)")
