@@ -97,7 +97,6 @@ def _script_args(parser, args, words: list[str]):
     if not args.module and not Path(target).is_file():
         parser.error(f"{target}: no such training script (graft-run SCRIPT.py [args], or -m MODULE [args]; "
                      "a config goes with --config)")
-    os.environ["GRAFT_REPLICAS"] = str(args.data_parallel or 1)
     args.training_script_args = ["-m" if args.module else "--", target, *words[1:]]
     args.module, args.training_script = True, SCRIPT_ENTRY
     return args
@@ -160,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if script:
+            os.environ["GRAFT_REPLICAS"] = str(args.data_parallel or 1)
             os.environ[REPORTED_BY_LAUNCHER] = "script"  # the workers leave their one line for graft-run
             os.environ["GRAFT_GPUS"] = gpus_of_this_node()
         else:

@@ -261,10 +261,9 @@ def test_a_script_and_its_arguments_go_to_the_script_worker(tmp_path):
                                                        str(script), "--epochs", "3", "--out", "runs/net{network}"])
     assert config is None and not printing and args.module and args.training_script == "graft.script_worker"
     assert args.training_script_args == ["--", str(script), "--epochs", "3", "--out", "runs/net{network}"]
-    assert os.environ["GRAFT_REPLICAS"] == "2"
+    assert args.data_parallel == 2
     args, *_ = launch.parse_args(["--nproc_per_node=2", "-m", "mypkg.train", "--lr", "0.1"])
     assert args.training_script_args == ["-m", "mypkg.train", "--lr", "0.1"]
-    os.environ.pop("GRAFT_REPLICAS")
     # In graft's trainer mode --data-parallel is the config's data_parallel.
     args, _, overrides, _ = launch.parse_args(["--data-parallel=2", "--config", "c.yaml", "epochs=1"])
     assert overrides == ["epochs=1", "data_parallel=2"]
