@@ -285,9 +285,20 @@ def from_launcher(timeout: float = 300.0) -> Topology:
     return topo
 
 
-def teardown(topo: Topology) -> None:
-    if topo.distributed and dist.is_initialized():
+def teardown(topo: Topology, failed: bool = False) -> None:
+    """Destroy the process group. After a failure a peer may be gone: the teardown (an abort of
+    NCCL's communicators in torch >= 2.6) then runs in a daemon thread given a few seconds, so
+    that it can never hold the process's exit."""
+    if not (topo.distributed and dist.is_initialized()):
+        return
+    if not failed:
         dist.destroy_process_group()
+        return
+    import threading
+
+    closing = threading.Thread(target=dist.destroy_process_group, name="graft-teardown", daemon=True)
+    closing.start()
+    closing.join(timeout=10)
 
 
 # --------------------------------------------------------------------------------------------

@@ -332,10 +332,10 @@ def main(argv=None) -> int:
     finally:
         for s in handlers:  # a late signal (torchrun passes one on) must not interrupt the teardown
             signal.signal(s, signal.SIG_IGN)
-        # After an error too on gloo, whose live group aborts the interpreter's exit; NCCL's is
-        # left to the process exit, as destroying it could wait on a collective a dead peer never joins.
-        if topo is not None and (finished or topo.backend == "gloo"):
-            teardown(topo)
+        # After an error too: a live gloo group aborts the interpreter's exit, and NCCL's warns
+        # there (not yet seen on a GPU: dist.teardown bounds the wait for a dead peer).
+        if topo is not None:
+            teardown(topo, failed=not finished)
         cli.restore_signal_handlers(handlers)
 
 
