@@ -1,15 +1,17 @@
 """Every GPU-only path in one command, ending with a table: each check pass, fail or skip, with its
 figure. Run through scripts/gpu_check.sh (which finds the Python environment):
 
-    scripts/gpu_check.sh [--out gpu_check.md] [--skip compile,throughput] [--work runs/gpu_check]
+    scripts/gpu_check.sh [--budget 540] [--out gpu_check.md] [--skip compile,throughput] [--work runs/gpu_check]
     scripts/gpu_check.sh --cpu ...   # the same steps with the CPU standing in (the test suite runs this)
 
 The checks: the CUDA unit tests (pytest -m cuda); 2 networks (NCCL with 2+ GPUs, else both on one
 GPU over gloo); amp=fp16, amp=bf16, compile=true, and hybrid mode (2 networks x 2 replicas, with
 2+ GPUs), a few epochs of the quick start each; a kill and resume; training throughput of ours
 against the official-style loop; the graft step against the official file exchange. Each has a
-time limit, so one that hangs fails instead of stopping the rest. Logs and run directories stay
-under --work; a failed check names its log.
+time limit, so one that hangs fails instead of stopping the rest, and --budget bounds them all: the
+table comes within that many seconds, checks it leaves no time for marked skip. Logs and run
+directories stay under --work; a failed check names its log. Without a CUDA device (and without
+--cpu) it says why torch may see none: its build, the driver nvidia-smi reports, torch's warning.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import collections
 import datetime
 import json
+import math
 import os
 import re
 import shutil
@@ -25,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +41,13 @@ from graft import checkpoint  # noqa: E402
 
 FIXTURE = "tests/fixtures/cifar10_sample.tar.gz"
 CHECKS = ("unit", "two_networks", "fp16", "bf16", "compile", "hybrid", "resume", "throughput", "graft_step")
+MIN_START = 20.0  # seconds of --budget a check needs left to be started
+_deadline = math.inf  # time.monotonic() by which every check must be done (--budget)
+
+
+def time_left(limit: float) -> float:
+    """``limit`` seconds, cut to what --budget leaves."""
+    return min(limit, _deadline - time.monotonic())
 
 
 class Failed(Exception):
@@ -71,10 +82,20 @@ class Setup:
     def epochs(self) -> int:
         return int(next(o for o in self.size if o.startswith("epochs=")).partition("=")[2])
 
+    @property
+    def resume_epochs(self) -> int:
+        """The kill-and-resume run's epochs. The kill lands once both networks have saved their
+        first epoch, and must land before the run ends: on a fast GPU an epoch of the quick start
+        takes a fraction of a second (two more would end the run within about a second of its first
+        checkpoints), so the GPU run gets 40, some seconds to spare; the stand-in's epochs on the
+        CPU take seconds each."""
+        return self.epochs + 2 if self.cpu else 40
+
 
 def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int, str]:
     """Run ``cmd`` in its own process group (torchrun and its workers), output to ``log``. On
-    timeout the whole group is killed and the check fails."""
+    timeout (or once --budget is spent) the whole group is killed and the check fails."""
+    limit, timeout = timeout, max(1.0, time_left(timeout))
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
@@ -85,7 +106,8 @@ def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> t
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise Failed(f"no result within {timeout:.0f} s (killed); see {log}") from None
+            spent = "; --budget spent" if timeout < limit else ""
+            raise Failed(f"no result within {timeout:.0f} s (killed{spent}); see {log}") from None
     return rc, log.read_text()
 
 
@@ -198,7 +220,7 @@ def children(pid: int) -> list[int]:
 def check_resume(setup: Setup) -> str:
     """SIGKILL network 1's process once both networks have saved epoch 1, then rerun the same
     command: it resumes from the newest epoch both completed and finishes."""
-    name, epochs = "resume", setup.epochs + 2  # epochs left to train when the kill lands
+    name, epochs = "resume", setup.resume_epochs
     out = setup.work / name
     shutil.rmtree(out, ignore_errors=True)
     first = [checkpoint.epoch_path(out, k, 0) for k in (0, 1)]
@@ -207,16 +229,19 @@ def check_resume(setup: Setup) -> str:
         proc = subprocess.Popen(launcher(setup, out, 2, [f"epochs={epochs}"]), cwd=ROOT, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + setup.timeout
+            deadline = time.monotonic() + time_left(setup.timeout)
             while not all(p.exists() for p in first):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise Failed(f"the first run ended or stalled before its first checkpoints (see {log})")
-                time.sleep(0.1)
+                time.sleep(0.05)
             workers = children(proc.pid)
             if len(workers) != 2:
                 raise Failed(f"expected 2 worker processes under torchrun, found {workers}")
             os.kill(workers[1], signal.SIGKILL)
-            rc = proc.wait(timeout=setup.timeout)
+            try:
+                rc = proc.wait(timeout=max(1.0, time_left(setup.timeout)))
+            except subprocess.TimeoutExpired:
+                raise Failed(f"torchrun did not end after its worker was killed (see {log})") from None
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -270,7 +295,59 @@ def check_graft_step(setup: Setup) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def nvidia_smi() -> str | None:
+    """nvidia-smi's output (its header names the driver and the CUDA version it supports), None
+    where there is no nvidia-smi."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        proc = subprocess.run([exe], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nvidia-smi did not run: {e}"
+    return proc.stdout + proc.stderr
+
+
+def version(text: str | None) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", text or "")[:2])
+
+
+def no_cuda_diagnosis(torch_version: str, torch_cuda: str | None, smi: str | None, warned: list[str],
+                      visible: str | None) -> str:
+    """Why torch may see no GPU, from what this machine tells: torch's build (``torch.version.cuda``),
+    the driver and the CUDA version it supports (nvidia-smi's header), what torch warned while
+    looking, CUDA_VISIBLE_DEVICES. Lines for parser.error."""
+    lines = ["no CUDA device visible; --cpu runs the same steps with the CPU standing in",
+             f"  torch {torch_version}: " + (f"built for CUDA {torch_cuda} (torch.version.cuda)" if torch_cuda else
+                                             "a CPU-only build (torch.version.cuda is None): install a CUDA build")]
+    lines += [f"  torch warned: {' '.join(w.split())[:400]}" for w in warned]
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        lines.append(f"  CUDA_VISIBLE_DEVICES={visible!r} hides every GPU")
+    driver = re.search(r"Driver Version:\s*([\d.]+)", smi or "")
+    supports = re.search(r"CUDA Version:\s*([\d.]+)", smi or "")
+    if smi is None:
+        lines.append("  driver: no nvidia-smi on PATH: no NVIDIA driver here (in a container: docker run --gpus all)")
+    elif not driver:
+        first = next((line.strip() for line in smi.splitlines() if line.strip()), "no output")
+        lines.append(f"  driver: nvidia-smi reports no driver: {first[:300]}")
+    else:
+        lines.append(f"  driver: {driver.group(1)}, which supports CUDA up to "
+                     f"{supports.group(1) if supports else '(not shown)'} (nvidia-smi)")
+    if torch_cuda and supports and version(torch_cuda) > version(supports.group(1)):
+        newer = f"  torch's CUDA {torch_cuda} is newer than the {supports.group(1)} the driver supports: "
+        if version(torch_cuda)[0] > version(supports.group(1))[0]:
+            lines.append(newer + f"update the driver, or install a torch built for CUDA {version(supports.group(1))[0]}"
+                         " (https://pytorch.org/get-started/locally/ names its pip index)")
+        else:
+            lines.append(newer + "CUDA's minor version compatibility usually runs it; if not, update the driver")
+    else:
+        lines.append("  hint: a CUDA 13 build of torch needs a recent driver (580 or later): compare "
+                     "torch.version.cuda with the CUDA version nvidia-smi reports")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    global _deadline
     parser = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="the CPU standing in for the GPU (for the test suite)")
     parser.add_argument("--out", help="also write the table (markdown) to this file")
@@ -279,12 +356,23 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=FIXTURE, help="CIFAR-10 .tar.gz for the throughput benchmark")
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds each run may take (the unit tests and compile=true twice that)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for everything: the table comes within them, checks left without "
+                             f"{MIN_START:.0f} s are marked skip (540 keeps a 10-minute slot)")
     args = parser.parse_args(argv)
+    if args.budget is not None:
+        _deadline = time.monotonic() + args.budget
     skip = {s for s in args.skip.split(",") if s}
     if skip - set(CHECKS):
         parser.error(f"--skip: unknown check(s) {sorted(skip - set(CHECKS))}; the checks: {', '.join(CHECKS)}")
-    if not args.cpu and not torch.cuda.is_available():
-        parser.error("no CUDA device visible; --cpu runs the same steps with the CPU standing in")
+    if not args.cpu:
+        with warnings.catch_warnings(record=True) as warned:  # torch says why CUDA failed to start
+            warnings.simplefilter("always")
+            cuda = torch.cuda.is_available()
+        if not cuda:
+            parser.error(no_cuda_diagnosis(torch.__version__, torch.version.cuda, nvidia_smi(),
+                                           [str(w.message) for w in warned],
+                                           os.environ.get("CUDA_VISIBLE_DEVICES")))
     setup = Setup(args.cpu, (ROOT / args.work).resolve(), args.data, args.timeout,
                   gpus=0 if args.cpu else torch.cuda.device_count())
     setup.work.mkdir(parents=True, exist_ok=True)
@@ -295,11 +383,15 @@ def main(argv=None) -> int:
         try:
             if name in skip:
                 raise Skipped("--skip")
+            if time_left(math.inf) < MIN_START:
+                raise Skipped(f"not started: --budget {args.budget:.0f} s spent")
             result, figure = "pass", globals()[f"check_{name}"](setup)
         except Failed as e:
             result, figure = "FAIL", str(e)
         except Skipped as e:
             result, figure = "skip", str(e)
+        except Exception as e:  # a fault of the check itself: the table still comes
+            result, figure = "FAIL", f"{type(e).__name__}: {e}"
         rows.append((name, result, time.perf_counter() - t0, figure))
         print(f"[gpu_check] {name}: {result} ({rows[-1][2]:.0f} s) {figure}", flush=True)
 

@@ -116,6 +116,42 @@ def test_dockerfile():
         assert name in ignored
 
 
+
+def test_dockerfile_can_compile_and_run_the_gpu_check():
+    """The image is not built here: its Dockerfile has what compile=true and scripts/gpu_check.sh
+    need. A -devel base (the -runtime one has no C compiler for Inductor and Triton) with a torch
+    pyproject.toml accepts; benchmarks/ and tests/ in the image, and pytest and hypothesis."""
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    (base,) = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
+    tag = base.partition(":")[2]
+    assert tag.endswith("-devel"), f"{base}: compile=true needs a C compiler, which only -devel has"
+    torch_version = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)\.\d+-cuda\d", tag).groups())
+    assert torch_version >= (2, 6), f"{base}: pyproject.toml needs torch>=2.6"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    below = re.search(r'"torch>=[\d.]+,<(\d+)\.(\d+)"', pyproject).groups()
+    assert torch_version < tuple(map(int, below)), f"{base}: above pyproject.toml's torch range"
+    copies = {tuple(line.split()[1:]) for line in lines if line.upper().startswith("COPY ")}
+    for folder in ("benchmarks", "tests", "scripts", "configs", "graft"):
+        assert (folder, f"./{folder}") in copies, f"the image lacks {folder}/ (scripts/gpu_check.sh runs it)"
+    # Joined continuation lines: the RUN that installs the package installs the test tools too.
+    installs = [line for line in text.replace("\\\n", " ").splitlines() if "pip install" in line]
+    assert any(re.search(r"-c /tmp/keep.txt \. ", line) for line in installs), installs  # torch stays pinned
+    for tool in ("pytest", "hypothesis"):
+        assert any(re.search(rf"[\s\"']{tool}\b", line) for line in installs), f"{tool} not installed: {installs}"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for folder in ("benchmarks", "tests", "scripts", "configs", "graft"):
+        assert not {folder, f"{folder}/", f"/{folder}", f"**/{folder}"} & set(ignored), folder
+
+
+def test_local_cluster_counts_the_machines_cores():
+    """nproc honours OMP_NUM_THREADS (1 in the tests' environment): nodes of 1 CPU would refuse
+    every job of --cpus-per-task=2."""
+    text = (ROOT / "scripts" / "slurm" / "local_cluster.sh").read_text()
+    (line,) = [line.strip() for line in text.splitlines() if line.strip().startswith("cpus=")]
+    assert "_NPROCESSORS_ONLN" in line or "nproc --all" in line, line
+    assert not re.search(r"\bnproc\)", line), line
+
 def test_two_nodes_on_one_machine(tmp_path):
     """Two graft-run launches (as the multi-node sbatch script makes them) meet through c10d
     rendezvous, as on two SLURM nodes."""

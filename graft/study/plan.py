@@ -72,10 +72,11 @@ def _check_overrides(overrides, where: str) -> None:
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def load_plan(path: str | Path, extra=()) -> Plan:
+def load_plan(path: str | Path, extra=(), data: bool = True) -> Plan:
     """Read and check a plan; every arm's config is resolved here, with ``extra`` (graft-study's
     own key=value arguments, which every run gets last), so a bad override fails now, naming the
-    arm, and not hours later, and the process count follows an extra ``data_parallel``."""
+    arm, and not hours later, and the process count follows an extra ``data_parallel``. ``data``:
+    check that each arm's data is where it says (not for a dry run or a report, which read none)."""
     try:
         values = yaml.load(Path(path).read_text(), UniqueKeyLoader)
     except OSError as e:
@@ -110,7 +111,7 @@ def load_plan(path: str | Path, extra=()) -> Plan:
             raise ConfigError(f"{path}: config: a base config is required (for the plan or for arm {arm.name})")
         try:
             cfg = load_config(arm.config, [*plan.overrides, *arm.overrides, *extra])
-            if cfg.data not in checked_data:  # now, not when the arm's first run starts hours later
+            if data and cfg.data not in checked_data:  # now, not when the arm's first run starts hours later
                 check_data(cfg.data)
                 checked_data.append(cfg.data)
         except (ConfigError, DataError) as e:

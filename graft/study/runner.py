@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # stop the run in hand as Ctrl-C does
 
     try:
-        plan = load_plan(args.plan, args.overrides)
+        plan = load_plan(args.plan, args.overrides, data=not (args.dry_run or args.report))
         plan.root, plan.results = args.root or plan.root, args.results or plan.results
         return study(plan, args)
     except UserError as e:  # a bad plan, override or archived file; a results folder it cannot write

@@ -27,7 +27,9 @@ ready() {  # both nodes idle (or busy): the cluster takes jobs
 
 write_conf() {
     local gpus="$1" cpus mem gres="" types=""
-    cpus="$(nproc)"
+    # The machine's cores, not `nproc`: that honours OMP_NUM_THREADS (1 in the test environment)
+    # and would make 1-CPU nodes that refuse every 2-CPU job.
+    cpus="$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc --all)"
     mem="$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))"
     if [ "$gpus" -gt 0 ]; then gres=" Gres=gpu:$gpus" types="GresTypes=gpu"; fi
     mkdir -p /etc/slurm
