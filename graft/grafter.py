@@ -30,8 +30,9 @@ from .exchange import EXCHANGES, GraftResult, graft_step
 logger = logging.getLogger(__name__)
 
 IDENTICAL = ("network {network} and its partner hold bit-identical weights at {when}: grafting changes nothing. "
-             "Likely causes: every network started from one seed (seed each network's model with "
-             "graft.network_seed(seed, network)), or a DDP or broadcast that spans the networks (under plain "
+             "Likely causes: every network started from one seed (under graft-run, pass the script --seed {{network}} "
+             "if it seeds with seed + rank; or seed each network's model with graft.network_seed(seed, network)), "
+             "or a DDP or broadcast that spans the networks (under plain "
              "torchrun, give DDP process_group=grafter.topology.network_group; graft-run SCRIPT.py keeps each "
              "network in a world of its own)")
 
@@ -152,6 +153,10 @@ class Grafter:
                              "grafter.step(model) after each optimizer.step() instead")
         epoch = self.epoch + 1 if epoch is None else epoch
         self.epoch = epoch
+        if self.epochs is not None and epoch >= self.epochs:
+            self._warn_once("past", f"Grafter: graft after epoch {epoch + 1} of a run of epochs={self.epochs}: nothing "
+                            "grafted. Give the Grafter the run's real length (timm's cooldown epochs count too), "
+                            "and graft(model, epoch=epoch) after a resume that did not restore its state")
         if self.epochs is not None and epoch >= self.epochs - 1:  # the last epoch's weights are the result
             self.grafted = False
             return None

@@ -113,16 +113,19 @@ def gpus_of_this_node() -> str:
     return ",".join(str(i) for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ""
 
 
-def failure_lines(error: ChildFailedError) -> list[str]:
+def failure_lines(error: ChildFailedError, replicas: int | None = None) -> list[str]:
     """Each distinct line the failed workers left (see graft.cli.report_error), in rank order;
-    for a worker that left none (killed, or a bug's traceback above), a line saying how it ended."""
+    for a worker that left none (killed, or a bug's traceback above), a line saying how it ended
+    (with ``replicas``, for a script: which network, as the script's own messages count ranks
+    within a network)."""
     lines: list[str] = []
     for rank, failure in sorted(error.failures.items()):
         line = failure.message if isinstance(failure.message, str) else ""
+        who = f"rank {rank}" if replicas is None else f"network {rank // replicas} (its rank {rank % replicas})"
         if not line.startswith("graft: error:") and failure.exitcode < 0:
-            line = f"graft: error: rank {rank} was killed by {failure.signal_name()}"
+            line = f"graft: error: {who} was killed by {failure.signal_name()}"
         elif not line.startswith("graft: error:"):
-            line = f"graft: error: rank {rank} exited with code {failure.exitcode}; its output above says why"
+            line = f"graft: error: {who} exited with code {failure.exitcode}; its output above says why"
         if line not in lines:
             lines.append(line)
     # A worker that failed makes torchrun stop the others with SIGTERM: their "stopped" lines are
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graft: error: {e}", file=sys.stderr, flush=True)
         return 1
     except ChildFailedError as e:
-        print("\n".join(failure_lines(e)), file=sys.stderr, flush=True)
+        print("\n".join(failure_lines(e, (args.data_parallel or 1) if script else None)), file=sys.stderr,
+              flush=True)
         return 1
     except RendezvousError as e:
         print(f"graft: error: torchrun's rendezvous failed ({type(e).__name__}: {e}); check --nnodes and "

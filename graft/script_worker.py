@@ -41,6 +41,10 @@ TORCHRUN_WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
                   "SLURM_STEP_TASKS_PER_NODE")
 
 
+# torchelastic's description of the job, which Lightning reads as a world: hidden with G = 1.
+TORCHELASTIC_JOB = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
+
+
 class LaunchError(Exception):
     """The job cannot be split into networks as asked."""
 
@@ -103,7 +107,8 @@ def network_address(g: dict, timeout: float = 300.0) -> tuple[str, int]:
 def prepare(env: dict) -> dict:
     """The environment the script runs with (a new dict; ``env`` is torchrun's)."""
     g = graft_world(env)
-    out = {k: v for k, v in env.items() if k not in TORCHRUN_WORLD}
+    hidden = TORCHRUN_WORLD if g["GRAFT_REPLICAS"] > 1 else TORCHRUN_WORLD + TORCHELASTIC_JOB
+    out = {k: v for k, v in env.items() if k not in hidden}
     out.update({k: str(v) for k, v in g.items()})
     replicas, replica = g["GRAFT_REPLICAS"], g["GRAFT_REPLICA"]
     if replicas > 1:

@@ -133,7 +133,7 @@ def test_one_process_has_no_partner_and_says_so(monkeypatch, caplog):
         grafter.step(model)
 
 
-def test_the_last_epoch_is_not_grafted_and_an_extended_run_grafts_it_late(monkeypatch):
+def test_the_last_epoch_is_not_grafted_and_an_extended_run_grafts_it_late(monkeypatch, caplog):
     """Grafter(epochs=E) skips the graft after epoch E-1, as graft's trainer does; its state in a
     checkpoint says so, and a longer run resumed from it owes that graft."""
     for name in ("RANK", "WORLD_SIZE"):
@@ -144,6 +144,10 @@ def test_the_last_epoch_is_not_grafted_and_an_extended_run_grafts_it_late(monkey
     model = make_model(0)
     assert [grafter.graft(model) for _ in range(3)] == ["done", "done", None]
     assert calls == ["epoch 1", "epoch 2"]
+    past = graft.Grafter(epochs=2)
+    with caplog.at_level("WARNING", logger="graft"):
+        assert past.graft(model, epoch=4) is None
+    assert "graft after epoch 5 of a run of epochs=2: nothing grafted" in caplog.text
     state = grafter.state_dict()
     assert (state["epoch"], state["grafted"], state["grafts"]) == (2, False, 0)
     longer = graft.Grafter(epochs=5)
@@ -153,6 +157,11 @@ def test_the_last_epoch_is_not_grafted_and_an_extended_run_grafts_it_late(monkey
     same = graft.Grafter(epochs=3)
     same.load_state_dict(state)
     assert same.resume(model) is None  # the run is as long as before: nothing owed
+    # A checkpoint written before its epoch's graft, loaded without the Grafter's state (timm's
+    # saver keeps none): resume(epoch=...) does that graft, once.
+    fresh = graft.Grafter(epochs=5)
+    monkeypatch.setattr(fresh, "_graft", lambda model, when: calls.append(when) or "owed")
+    assert fresh.resume(model, epoch=1) == "owed" and calls[-1] == "epoch 2" and fresh.resume(model, epoch=1) is None
     with pytest.raises(GraftError, match=r"other settings \(A: 0.3 here, 0.4 there"):
         graft.Grafter(A=0.3).load_state_dict(state)
 

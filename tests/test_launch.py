@@ -120,6 +120,16 @@ def test_failure_lines_are_distinct_and_say_how_each_worker_ended(tmp_path):
         same, "graft: error: rank 2 was killed by SIGKILL",
         "graft: error: rank 3 exited with code 1; its output above says why",
         "graft: error: rank 4 (network 4): data.root: cannot read archive x.tar.gz"]
+    # For a script, whose own messages count ranks within a network: the network and that rank.
+    assert launch.failure_lines(error, replicas=2)[1:3] == [
+        "graft: error: network 1 (its rank 0) was killed by SIGKILL",
+        "graft: error: network 1 (its rank 1) exited with code 1; its output above says why"]
+    # Workers torchrun stopped because another failed: their lines are its consequence.
+    stopped = ChildFailedError("graft.train", {
+        0: failure(5, 1, "graft: error: rank 0 (network 0): x/config.yaml: cannot write the run's config (disk full)"),
+        1: failure(6, 1, "graft: error: rank 1 (network 1): received SIGTERM: stopped between steps; ...")})
+    assert launch.failure_lines(stopped) == [
+        "graft: error: rank 0 (network 0): x/config.yaml: cannot write the run's config (disk full)"]
 
 
 def test_how_a_worker_reports_an_error(tmp_path, monkeypatch, capsys):
