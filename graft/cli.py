@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import REPORTED_BY_LAUNCHER, ConfigError, PeerFailed, Stop, UserError
+from .errors import REPORTED_BY_LAUNCHER, PeerFailed, Stop, UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -66,7 +66,7 @@ def restore_signal_handlers(handlers: dict) -> None:
 def says_it(e: BaseException, rank: int) -> bool:
     """Whether this rank prints ``e``: an error that is the same on every rank (a config error)
     is said by rank 0, one about another rank's failure by the lowest rank that did not fail."""
-    if isinstance(e, ConfigError):
+    if getattr(e, "everywhere", False):
         return rank == 0
     if isinstance(e, PeerFailed) and e.failed_rank is not None:
         return rank == (1 if e.failed_rank == 0 else 0)
@@ -76,7 +76,7 @@ def says_it(e: BaseException, rank: int) -> bool:
 def error_line(e: BaseException, rank: int | None = None, network: int | None = None,
                distributed: bool = False) -> str:
     """``graft: error: ...`` in one line, naming the rank where the message does not."""
-    names_rank = isinstance(e, ConfigError) or getattr(e, "names_rank", False)
+    names_rank = getattr(e, "everywhere", False) or getattr(e, "names_rank", False)  # every rank: no rank
     where = f"rank {rank} (network {network}): " if distributed and not names_rank and rank is not None else ""
     return f"graft: error: {where}{e}"
 

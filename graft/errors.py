@@ -17,10 +17,13 @@ class UserError(Exception):
 
     resumable = False   # True: the run stopped between steps and the same command resumes it
     names_rank = False  # the message already says which rank (cli adds it otherwise)
+    everywhere = False  # raised alike on every rank (from what they all gathered): rank 0 says it
 
 
 class ConfigError(UserError, ValueError):
     """A bad config, plan or argument: the message names the source and the key."""
+
+    everywhere = True  # every rank reads the same config
 
 
 class DataError(UserError, ValueError):

@@ -55,12 +55,13 @@ def resume(cfg: Config, topo: Topology, point: checkpoint.ResumePoint) -> list[E
     path = checkpoint.epoch_path(run_dir, topo.network, agreed)
     with together(topo, "resume"):                                           # collective: every rank
         if not path.exists():
-            raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed} is the newest that every "
+            raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed + 1} is the newest that every "
                                              "network completed; cannot resume consistently")
         point.load_state_dict(saved if agreed == newest else checkpoint.load(path))
     if len(set(all_gather_objects(topo, point.grafted, leaders_only=False))) > 1:  # collective: every rank
-        raise checkpoint.CheckpointError(f"{run_dir}: the networks' checkpoints of epoch {agreed} disagree on whether "
-                                         "it was grafted (files of two different runs?); cannot resume consistently")
+        raise _everywhere(checkpoint.CheckpointError(
+            f"{run_dir}: the networks' checkpoints of epoch {agreed + 1} disagree on whether it was grafted (files "
+            "of two different runs?); cannot resume consistently"))
     if point.grafted and agreed == cfg.epochs - 1 and not point.grafter.spec.per_step:
         # A run planned for more epochs grafted after this one: ending here would report weights
         # that no epoch evaluated as the final ones.
@@ -99,13 +100,19 @@ def _agree_on_epoch(cfg: Config, topo: Topology, newest: int) -> int:
     agreed = min(everyone)
     if agreed < 0 and max(everyone) >= 0:
         lacking = sorted({r // topo.replicas for r, e in enumerate(everyone) if e < 0})
-        raise checkpoint.CheckpointError(
+        raise _everywhere(checkpoint.CheckpointError(
             f"{cfg.output_dir}: networks {lacking} have no usable checkpoint while others do; cannot resume "
-            "consistently (resume=never starts afresh in a new directory)")
+            "consistently (resume=never starts afresh in a new directory)"))
     if agreed + 1 > cfg.epochs:
         raise ConfigError(f"epochs: {cfg.epochs}, but the run in {cfg.output_dir} already completed {agreed + 1} "
                           f"epochs: nothing to train. epochs={agreed + 2} or more extends it; {checkpoint.ELSEWHERE}")
     return agreed
+
+
+def _everywhere(error):
+    """An error every rank raises alike, from what they all gathered: rank 0 alone says it."""
+    error.everywhere = True
+    return error
 
 
 def _forget_after(run_dir: Path, network: int, epoch: int) -> None:
