@@ -210,7 +210,8 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, s
                 peer_state, peer_scores = got.to_state(), table[peer]
             new_state, report = rules.blend_with_scores(state, peer_state, plan, table[topo.network], peer_scores,
                                                         spec)
-            identical = topo.networks > 1 and all(torch.equal(state[k], peer_state[k]) for k in plan.layers)
+            # The peer distances are 0 exactly where the layers are equal: no second pass over the weights.
+            identical = topo.networks > 1 and all(r.peer_distance == 0 for r in report.layers)
     if topo.replicas > 1:
         refused_by_leader = _leader_refused(topo, refusal is not None, when)     # a network's replicas
         refusal = refusal if refusal is not None else refused_by_leader
