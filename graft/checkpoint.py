@@ -194,9 +194,16 @@ def newest_complete(run_dir: str | Path, network: int) -> tuple[int, dict | None
     files = epoch_files(run_dir, network)
     for epoch, path in reversed(files):
         try:
-            return epoch, load(path), skipped
+            saved = load(path)
         except CheckpointError as e:
             skipped.append(str(e))
+            continue
+        if saved.get("epoch", epoch) != epoch:  # the name's number says another epoch than the file
+            raise CheckpointError(
+                f"{path}: holds epoch {saved['epoch'] + 1}, but its name says epoch {epoch + 1}: files copied "
+                f"without their directory's {NUMBERING} file? (its presence: names count epochs from 1) "
+                "Restore it, or rename the files, to resume")
+        return epoch, saved, skipped
     if files:
         raise CheckpointError(
             f"{network_dir(run_dir, network)}: none of the {len(files)} epoch checkpoint(s) loads "
@@ -228,7 +235,7 @@ def set_aside_best_after(run_dir: str | Path, network: int, epoch: int) -> Path 
     saved = _saved_epoch(path)
     if saved <= epoch:
         return None
-    stale = path.with_name(f"best.epoch{saved + 1:04d}.stale.pt")
+    stale = path.with_name(f"best.epoch{saved + _first_number(path.parent):04d}.stale.pt")
     os.replace(path, stale)
     if prev.exists() and _saved_epoch(prev) <= epoch:
         os.replace(prev, path)
@@ -315,7 +322,7 @@ class ResumePoint:
         self.epoch = state["epoch"]
         self.best_acc, self.best_epoch = state.get("best_acc", -1.0), state.get("best_epoch", -1)
         self.record = None if state.get("record") is None else EpochRecord.from_json(state["record"])
-        grafter_state = state.get("grafter") or {"epoch": self.epoch, "grafted": state.get("grafted", True)}
+        grafter_state = state.get("grafter") or {"epoch": self.epoch, "grafted": state.get("grafted", False)}
         self.grafter.load_state_dict({"spec": self.grafter.spec.settings(), **grafter_state}
                                      if "spec" not in grafter_state else grafter_state)
         self.model.load_state_dict(state["model"])  # onto the model's device

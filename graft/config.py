@@ -382,8 +382,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     for text in overrides:
         parts, value = parse_override(text)
         if parts[:1] == ["grafting"] and len(parts) == 2 and parts[1] in LEGACY:
-            parts, value = ["grafting", "criterion"], _legacy_criterion(cfg.grafting.criterion, parts[1], value,
-                                                                        "command line")
+            criterion = _legacy_criterion(cfg.grafting.criterion, parts[1], value, "command line")
+            if criterion == cfg.grafting.criterion:  # level=layer, compat=default: nothing to change
+                continue
+            parts, value = ["grafting", "criterion"], criterion
         merged = cfg.to_dict()
         node = merged
         for i, part in enumerate(parts[:-1]):

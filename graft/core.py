@@ -353,8 +353,8 @@ def _reference_plan(state: Mapping[str, Tensor], keys: list[str]) -> GraftPlan:
             layers.append(key)
         if last is None:
             raise ValueError(
-                f"compat='reference' needs a key containing 'conv' before {key!r}: the official "
-                "code has no alpha to blend it with (it would crash)")
+                f"'reference' (the official code's) needs a key containing 'conv' before {key!r}: "
+                "the official code has no alpha to blend it with (it would crash)")
         follows[key] = last
     return GraftPlan(tuple(layers), follows, "reference")
 

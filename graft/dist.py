@@ -93,6 +93,7 @@ class Topology:
     leader_group: object = None    # replica 0 of every network; None on the other replicas
     store: object = None           # for check-ins (``arrive``)
     nccl_cuda: bool = False        # the groups carry CUDA tensors over NCCL (else through host memory)
+    grafters: int = 0              # Grafters created on these processes (each checks in with keys of its own)
 
     @property
     def networks(self) -> int:
@@ -266,9 +267,16 @@ def launched() -> bool:
     return "GRAFT_STORE" in os.environ
 
 
+_LAUNCHED: Topology | None = None  # built once per process: groups on the same store keys cannot be rebuilt
+
+
 def from_launcher(timeout: float = 300.0) -> Topology:
     """A worker of ``graft-run SCRIPT.py``: graft's own groups over gloo, apart from whatever
-    process group the script starts for its network. Collective: every rank of graft's world."""
+    process group the script starts for its network. Built once per process (a second Grafter
+    shares it). Collective: every rank of graft's world."""
+    global _LAUNCHED
+    if _LAUNCHED is not None:
+        return _LAUNCHED
     rank, world, replicas = _env_int("GRAFT_RANK", 0), _env_int("GRAFT_WORLD", 1), _env_int("GRAFT_REPLICAS", 1)
     host, _, port = os.environ["GRAFT_STORE"].rpartition(":")
     wait = timedelta(seconds=timeout)
@@ -282,6 +290,7 @@ def from_launcher(timeout: float = 300.0) -> Topology:
     topo.network_group = gloo(dist.PrefixStore(f"network{topo.network}/", store), topo.replica, replicas, wait)
     if topo.is_leader:
         topo.leader_group = gloo(dist.PrefixStore("leaders/", store), topo.network, topo.networks, wait)
+    _LAUNCHED = topo
     return topo
 
 
@@ -306,7 +315,7 @@ def teardown(topo: Topology, failed: bool = False) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def arrive(topo: Topology, tag: str, timeout: float | None = None) -> None:
+def arrive(topo: Topology, tag: str, timeout: float | None = None, scope: str = "") -> None:
     """Wait until every rank has reached ``tag``; name the ranks that do not.
 
     Uses the store, so a dead peer is named instead of surfacing as a collective's anonymous
@@ -314,11 +323,12 @@ def arrive(topo: Topology, tag: str, timeout: float | None = None) -> None:
     named at once, with both points, instead of after the timeout. The store is polled between
     short sleeps rather than waited on in one blocking call, which no signal interrupts: a
     SIGTERM (torchrun stopping the group, a scheduler's preemption) is handled within 0.1 s.
+    ``scope`` keeps the keys of one user of the store (a second Grafter) apart from another's.
     """
     if not topo.distributed:
         return
     timeout = topo.timeout if timeout is None else timeout
-    store = topo.store
+    store = dist.PrefixStore(scope, topo.store) if scope else topo.store
     key = f"arrive/{tag}/".__add__
     keys = [key(str(r)) for r in range(topo.world)]
     start = time.monotonic()

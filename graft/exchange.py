@@ -180,23 +180,24 @@ def _checksum(value) -> float:
 
 
 def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spec: rules.GraftSpec, *,
-               when: str, exchange: str = "auto") -> tuple[dict[str, Tensor], GraftResult]:
+               when: str, exchange: str = "auto", scope: str = "") -> tuple[dict[str, Tensor], GraftResult]:
     """Graft this network's ``state`` under ``spec``. Collective: every rank calls it.
 
     ``when`` names the graft in messages and check-in keys ("epoch 3", "step 500"): each graft
-    of a run needs its own. Returns the new state (new tensors; ``state`` is not modified) and a
+    of a run needs its own (``scope``: a prefix for the keys of another Grafter). Returns the new
+    state (new tensors; ``state`` is not modified) and a
     GraftResult. Raises GraftError on every rank, before any weight is blended, when any
     network's weights hold NaN or Inf (naming the network and, on that network, the layer), when
     the networks' models differ in keys, shapes or dtypes, or when their plans or settings differ.
     """
     start = time.perf_counter()
-    arrive(topo, f"{when} graft")                                                # every rank
+    arrive(topo, f"{when} graft", scope=scope)                                   # every rank
     peer = spec.partner_rule.peer(topo.network, topo.networks)
     new_state, report, table, received, refusal, identical = state, None, torch.zeros(0), 0, None, False
     if topo.is_leader:
         criterion = spec.criterion_rule
         scores = criterion.scores(state, plan, spec).to(torch.float64).cpu()
-        refusal = _refusal(topo, state, plan, spec, scores, when)                # leaders
+        refusal = _refusal(topo, state, plan, spec, scores, when, exchange)      # leaders
         if refusal is None:
             table = gather_rows(topo, scores)                                    # leaders
             if topo.networks == 1:
@@ -224,14 +225,15 @@ def graft_step(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, s
 
 
 def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spec: rules.GraftSpec,
-             scores: Tensor, when: str) -> GraftError | None:
+             scores: Tensor, when: str, exchange: str = "auto") -> GraftError | None:
     """Whether every network can graft: finite weights, one architecture, one plan, one spec.
     Collective: leaders (one small all_gather of fixed size, so that every network refuses
     together or none does, before any gather whose size depends on the model)."""
     bad_layer = spec.criterion_rule.first_non_finite(state, plan, scores)
     layout = _checksum([(k, tuple(t.shape), str(t.dtype)) for k, t in state.items()])
+    transport = "ring" if exchange == "auto" else exchange
     head = torch.tensor([0.0 if bad_layer is None else 1.0, layout, _checksum((plan.layers, plan.follows)),
-                         spec.fingerprint()], dtype=torch.float64)
+                         spec.fingerprint(), _checksum(transport)], dtype=torch.float64)
     heads = gather_rows(topo, head)
     here = f"rank {topo.rank}, network {topo.network}: {when}"
     if bool(heads[:, 0].any()):
@@ -240,7 +242,8 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
         return GraftError(f"{here}: NaN or Inf weights in network(s) {bad}{layer}; nobody grafts, the weights "
                           "stay as they were")
     for column, what in ((1, "a model with other keys, shapes or dtypes; grafting needs one architecture"),
-                         (2, "other layers to graft (another plan: a model with other module types?)")):
+                         (2, "other layers to graft (another plan: a model with other module types?)"),
+                         (4, f"another exchange than this network's {transport!r} (grafting.exchange)")):
         other = [int(i) for i in (heads[:, column] != head[column]).nonzero().flatten()]
         if other:
             return GraftError(f"{here}: network(s) {other} hold {what}")

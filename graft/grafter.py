@@ -119,7 +119,11 @@ class Grafter:
         self.grafts = 0       # grafts done
         self.steps = 0        # step() calls
         self.epoch = -1       # the last epoch graft() was called for
-        self.grafted = True   # whether that epoch's graft was done (False: skipped as the run's last)
+        self.grafted = False  # whether that epoch's graft was done (False: skipped as the run's last, or none)
+        # Check-in keys of its own: a second Grafter on the same processes (a second training
+        # phase) must not pass its check-ins on the first one's keys.
+        self.topology.grafters += 1
+        self._scope = "" if self.topology.grafters == 1 else f"grafter{self.topology.grafters}/"
         self._warned: set[str] = set()
         self._plans: dict[int, tuple] = {}
 
@@ -189,14 +193,14 @@ class Grafter:
 
     def _graft(self, model: nn.Module, when: str) -> GraftResult | None:
         topo = self.topology
-        if topo.world == 1:
+        if topo.networks == 1:
             self._warn_once("alone", "Grafter: a world of one network, no partner to graft with: the graft does "
                             "nothing. Start 2 or more networks (graft-run --nproc_per_node=2 SCRIPT.py, or torchrun)")
             return None
         inner = unwrap(model)
         state = inner.state_dict()
         new_state, result = graft_step(topo, dict(state), self.plan(inner), self.spec, when=when,
-                                       exchange=self.exchange)
+                                       exchange=self.exchange, scope=self._scope)
         load_blended(inner, state, new_state)
         self.grafts += 1
         if result.identical:
@@ -224,4 +228,4 @@ class Grafter:
                              f"({'; '.join(differ)}; 'here' is this Grafter): give the Grafter the checkpoint's "
                              "settings to continue that run")
         self.grafts, self.steps = int(state.get("grafts", 0)), int(state.get("steps", 0))
-        self.epoch, self.grafted = int(state.get("epoch", -1)), bool(state.get("grafted", True))
+        self.epoch, self.grafted = int(state.get("epoch", -1)), bool(state.get("grafted", False))

@@ -32,6 +32,7 @@ class GraftCallback(pl.Callback):
             self.options["data_parallel"] = data_parallel
         self.grafter: Grafter | None = None
         self._loaded: dict | None = None
+        self._step = 0  # trainer.global_step at the last step() call: optimizer steps, not batches
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.grafter is None:
@@ -39,13 +40,17 @@ class GraftCallback(pl.Callback):
             self.grafter = Grafter(self.spec, epochs=epochs, **self.options)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step = trainer.global_step
         if self._loaded is not None:  # a resumed run: the graft its checkpoint may owe
             self.grafter.load_state_dict(self._loaded)
             self._loaded = None
             self.grafter.resume(pl_module, epoch=trainer.current_epoch - 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.spec.per_step:
+        # Per optimizer step (global_step), not per batch: with accumulate_grad_batches=k a batch
+        # may end without a step.
+        if self.spec.per_step and trainer.global_step > self._step:
+            self._step = trainer.global_step
             self.grafter.step(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -72,7 +72,7 @@ def resume(cfg: Config, topo: Topology, point: checkpoint.ResumePoint) -> list[E
     if topo.is_leader:
         with together(topo, "resume", leaders_only=True):                         # collective: leaders
             _forget_after(run_dir, topo.network, agreed)
-    late = point.grafter.resume(point.model) if cfg.grafting.enabled else None    # collective: every rank
+    late = point.grafter.resume(point.model) if cfg.grafting.enabled and topo.networks > 1 else None  # every rank
     if late is not None and point.record is not None:
         point.record.add_graft(late)
     if topo.is_leader:

@@ -293,7 +293,10 @@ class GraftSpec:
         if complex_:
             raise SpecError(f"model: {complex_[0]!r} holds complex values, which grafting does not blend (a "
                             "histogram entropy of complex weights is undefined); graft a model with real weights")
-        plan = core.module_plan(model_or_state, compat) if is_model else core.make_plan(model_or_state, compat)
+        try:
+            plan = core.module_plan(model_or_state, compat) if is_model else core.make_plan(model_or_state, compat)
+        except ValueError as e:  # the reference plan on a model without the official code's key names
+            raise SpecError(f"criterion: {e}") from None
         if not plan.layers:
             raise SpecError("model: no floating-point tensor to graft (an empty model, or integer buffers only)")
         return plan

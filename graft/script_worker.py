@@ -96,9 +96,15 @@ def network_address(g: dict, timeout: float = 300.0) -> tuple[str, int]:
                           wait_for_workers=False) if g["GRAFT_STORE_HOSTED"] == "1" else None
     if store is None:
         raise LaunchError("--data-parallel > 1 needs torchrun's agent store (torch 2.3 or later)")
-    key = f"graft/attempt{g['GRAFT_ATTEMPT']}/network{g['GRAFT_NETWORK']}/address"
+    prefix = f"graft/attempt{g['GRAFT_ATTEMPT']}/"
+    key = f"{prefix}network{g['GRAFT_NETWORK']}/address"
     if g["GRAFT_REPLICA"] == 0:
-        store.set(key, f"{socket.getfqdn()}:{_free_port()}")
+        host = socket.getfqdn()
+        while True:  # a port no other network on this host took (each frees its probe before binding it)
+            port = _free_port()
+            if store.add(f"{prefix}ports/{host}:{port}", 1) == 1:
+                break
+        store.set(key, f"{host}:{port}")
     store.wait([key], timedelta(seconds=timeout))
     address, _, found = store.get(key).decode().rpartition(":")
     return address, int(found)
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(Path(target).resolve().parent))
             runpy.run_path(target, run_name="__main__")
     except UserError as e:  # graft's own errors (a peer that stopped, other settings...): one line
-        report(f"graft: error: network {network}, rank {env['GRAFT_RANK']}: {e}"
+        report(f"graft: error: network {network} (its rank {env['GRAFT_REPLICA']}): {e}"
                if not getattr(e, "names_rank", False) else f"graft: error: {e}")
         return 1
     return 0

@@ -37,6 +37,7 @@ from .data import DataError, Loaders, build_loaders, load_arrays
 from .dist import Topology, all_gather_objects, arrive, collectives, teardown, together
 from .dist import setup as setup_topology
 from .engine import accuracy, cpu_has_bf16, evaluate, make_autocast, train_one_epoch
+from .errors import GraftError
 from .grafter import Grafter, network_seed
 from .models import build_model
 from .records import EpochRecord
@@ -80,7 +81,7 @@ def seed_everything(seed: int) -> None:
 
 def make_loaders(cfg: Config, topo: Topology) -> Loaders:
     """This network's loaders (``test`` is None unless ``eval_split`` is val: the test set is then
-    evaluated once more at the end). Collective over a node's ranks: local rank 0 decodes (and
+    evaluated once more at the end). Collective: every rank (a check-in): local rank 0 decodes (and
     caches) the data first, the others then read the cache."""
     # Data order differs per network (not per replica), except in mutual distillation, where
     # every network must see the same batch to distill from the others' predictions on it.
@@ -153,8 +154,11 @@ def setup(cfg: Config, topo: Topology, steps_per_epoch: int) -> Training:
         logger.info(spec.describe(networks))
         try:  # now, not at the end of the first epoch
             plan = grafter.plan(model)
-        except ValueError as e:  # reference mode on a model without the official code's key names
-            raise ConfigError(f"grafting.criterion: {spec.criterion} with model {cfg.model}: {e}") from None
+        except GraftError as e:  # reference mode on a model without the official code's key names
+            problem = str(e).removeprefix("Grafter: ")
+            if not problem.startswith("criterion: "):
+                raise
+            raise ConfigError(f"grafting.{problem} (model {cfg.model})") from None
         alone = plan.convs_without_bn(model.state_dict()) if spec.criterion == "bn_scale" else []
         if alone:
             logger.info(f"filter level: {len(alone)} conv(s) with no BatchNorm after them blend with their "
@@ -317,7 +321,7 @@ def main(argv=None) -> int:
         handlers = cli.install_signal_handlers(cfg.output_dir, cfg.resume)
         logger.info(topo.describe())
         seed_everything(network_seed(cfg.seed, topo.network))  # replicas of one network share it
-        loaders = make_loaders(cfg, topo)                                           # collective: a node's ranks
+        loaders = make_loaders(cfg, topo)                                           # collective: every rank
         cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or loaders.num_classes)
         run(cfg, topo, loaders)
         arrive(topo, "end of run")  # nobody tears the group down under a peer still logging

@@ -218,3 +218,8 @@ def test_a_rule_sets_its_keys_and_refuses_a_contradiction(tmp_path):
     with pytest.raises(ConfigError, match="command line: grafting.alpha: grafting.rule=papa sets it to 0.99; got 0.5"):
         load_config(path, ["grafting.rule=papa", "grafting.alpha=0.5"])
     assert load_config(None, ["grafting.rule=papa", "grafting.alpha=0.99"]).grafting.alpha == 0.99
+
+
+def test_an_older_key_that_changes_nothing_does_not_fight_a_rule(tmp_path):
+    path = write(tmp_path, "grafting:\n  rule: papa\n")
+    assert load_config(path, ["grafting.level=layer", "grafting.compat=default"]).grafting.criterion == "constant"

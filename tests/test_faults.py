@@ -389,3 +389,24 @@ def test_tensorboard_on_a_full_disk_is_turned_off_with_a_warning(tmp_path, caplo
             log = TensorBoardLog(disk / "run")
         assert log.writer is None
         assert "TensorBoard off (disk full); metrics.jsonl holds every value" in caplog.text
+
+
+def test_a_finished_baseline_reruns_as_finished_and_one_network_resumes(tmp_path):
+    """A baseline never grafts: its checkpoints must not say its last epoch was grafted (a
+    regression made rerunning a finished one-network run fail with 'would end on grafted
+    weights')."""
+    out = tmp_path / "one"
+    assert run(out, nproc=1, overrides=["epochs=1"]).returncode == 0
+    proc = run(out, nproc=1, overrides=["epochs=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming after epoch 1/2" in proc.stdout and "no partner" not in proc.stderr
+
+
+def test_files_whose_names_say_another_epoch_are_refused(tmp_path):
+    """Checkpoints copied without their directory's NUMBERING file: the names would be read as
+    counting from 0 and every epoch shift by one. The file's own epoch says so."""
+    checkpoint.save_epoch(tmp_path, 0, {}, {"epoch": 0, "model": {}})
+    (checkpoint.network_dir(tmp_path, 0) / checkpoint.NUMBERING).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"epoch0001.pt: holds epoch 1, but its name says epoch 2: "
+                                                         r"files copied without their directory's NUMBERING file"):
+        checkpoint.newest_complete(tmp_path, 0)

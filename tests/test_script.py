@@ -2,6 +2,7 @@
 world of its own (CPU, gloo). The script (tests/workers/own_script.py) does what torchvision's
 and timm's reference scripts do with torch.distributed and knows nothing else of graft."""
 
+import re
 import subprocess
 import sys
 
@@ -108,3 +109,14 @@ def test_a_missing_script_and_a_bad_split_are_one_line(tmp_path):
     assert proc.returncode == 1
     assert "graft: error: rank 0: 3 processes do not split into networks of --data-parallel 2" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_second_grafter_in_the_same_script_grafts_too(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "graft.launch", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "workers" / "two_grafters.py"), "{network}"], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The two processes share stdout: their lines may interleave.
+    found = re.findall(r"network (\d) phase (\d) distance (\d\.\d+)", proc.stdout)
+    assert sorted(f[:2] for f in found) == sorted((str(k), str(p)) for k in (0, 1) for p in (1, 2) for _ in range(2))
+    assert all(float(f[2]) > 0 for f in found)
