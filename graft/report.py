@@ -192,6 +192,7 @@ class RunLog:
 
     def __init__(self, cfg: Config, first_epoch: int, resumed: list[EpochRecord]):
         self.dir = Path(cfg.output_dir)
+        self.grafting = {"enabled": cfg.grafting.enabled, **cfg.grafting.spec().settings()}
         self.epochs, self.thresholds = cfg.epochs, tuple(cfg.invalid_thresholds)
         with writing(self.dir / "config.yaml", "the run's config"):
             save_config(cfg, self.dir / "config.yaml")
@@ -216,7 +217,7 @@ class RunLog:
         records = self.metrics.latest()
         if not records:
             return None
-        summary = summarize(records, test)
+        summary = {**summarize(records, test), "grafting": self.grafting}  # the GraftSpec the run grafted with
         with writing(self.dir / "summary.json", "the summary"):
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.info(summary["table"])

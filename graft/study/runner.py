@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from ..engine import machine_name
 from ..errors import UserError
 from ..report import writing
 from .archive import archive, code_version, finished, read_state, write_distance, write_state
@@ -37,7 +38,6 @@ def time_left(runs: list[Run], left: list[Run]) -> float | None:
 def run_one(plan: Plan, run: Run, extra=()) -> tuple[int, list[str]]:
     """One run, resumed if it was interrupted; its output goes to the terminal and to log.txt.
     Returns its exit code and its 'graft: error:' lines."""
-    from ..engine import machine_name  # torch: imported when a run starts, not for --dry-run or a plan error
 
     errors = []  # graft-run's one line per distinct error
     state = read_state(run.dir)
