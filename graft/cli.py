@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import REPORTED_BY_LAUNCHER, PeerFailed, Stop, UserError
+from .errors import REPORTED_BY_LAUNCHER, Stop, UserError, disk_is_full
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -44,6 +44,17 @@ def after_stop(output_dir: str | None, resume: str = "auto") -> str:
     return f"the last complete checkpoint is intact; {resume_hint(output_dir, resume)}"
 
 
+def output_advice(error: OSError, setting: str, run_dir: str | Path | None = None, resume: str = "auto") -> str:
+    """What to do about an output that cannot be written. Space mends a full disk, and a rerun
+    then resumes where a checkpoint exists; a read-only folder, or a file in the way, needs
+    another folder, whatever is rerun."""
+    if not disk_is_full(error):
+        return f"give {setting} a folder that can be written"
+    if run_dir is not None and has_checkpoint(run_dir):
+        return f"the last complete checkpoint is intact: free some space and {resume_hint(str(run_dir), resume)}"
+    return f"free some space (or give {setting} another disk) and rerun"
+
+
 def stop_message(signum: int, output_dir: str | None, resume: str = "auto") -> str:
     return f"received {signal.Signals(signum).name}: stopped between steps; {after_stop(output_dir, resume)}"
 
@@ -64,13 +75,9 @@ def restore_signal_handlers(handlers: dict) -> None:
 
 
 def says_it(e: BaseException, rank: int) -> bool:
-    """Whether this rank prints ``e``: an error that is the same on every rank (a config error)
-    is said by rank 0, one about another rank's failure by the lowest rank that did not fail."""
-    if getattr(e, "everywhere", False):
-        return rank == 0
-    if isinstance(e, PeerFailed) and e.failed_rank is not None:
-        return rank == (1 if e.failed_rank == 0 else 0)
-    return True
+    """Whether this rank prints ``e``: an error that is the same on every rank (a config error, a
+    failure they all gathered) is said by rank 0."""
+    return rank == 0 if getattr(e, "everywhere", False) else True
 
 
 def error_line(e: BaseException, rank: int | None = None, network: int | None = None,
@@ -78,7 +85,18 @@ def error_line(e: BaseException, rank: int | None = None, network: int | None = 
     """``graft: error: ...`` in one line, naming the rank where the message does not."""
     names_rank = getattr(e, "everywhere", False) or getattr(e, "names_rank", False)  # every rank: no rank
     where = f"rank {rank} (network {network}): " if distributed and not names_rank and rank is not None else ""
-    return f"graft: error: {where}{e}"
+    return f"graft: error: {where}{message_of(e)}"
+
+
+def message_of(e: BaseException) -> str:
+    """The error's message; one re-raised from a DataLoader worker carries the worker's whole
+    traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), and
+    its last line is the message."""
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def report_error(e: BaseException, rank: int, network: int | None = None, distributed: bool = False) -> None:

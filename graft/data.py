@@ -20,6 +20,7 @@ tensors instead of JPEGs.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -583,6 +584,16 @@ def check_usable(cfg: DataConfig, num_classes: int, evaluated: int, tested: int)
         raise DataError(f"data.root: {cfg.root}: the test split is empty")
 
 
+def open_image(path: str):
+    """ImageFolder's own loader, naming the file that cannot be decoded (PIL names none)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"data.root: cannot decode image {path}: {e}") from None
+
+
 def build_folder_loaders(cfg: DataConfig, batch_size: int, eval_batch_size: int | None = None, *, seed: int,
                          rank_in_group: int = 0, group_size: int = 1, pin_memory: bool = False,
                          train: bool = True) -> Loaders:
@@ -611,7 +622,7 @@ def build_folder_loaders(cfg: DataConfig, batch_size: int, eval_batch_size: int 
                           normalize])
     eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
                          normalize])
-    folder = torchvision.datasets.ImageFolder
+    folder = functools.partial(torchvision.datasets.ImageFolder, loader=open_image)
     train_ds = folder(os.path.join(cfg.root, "train"), transform=train_tf)
     test_ds = folder(os.path.join(cfg.root, "test"), transform=eval_tf)
     if train_ds.classes != test_ds.classes:

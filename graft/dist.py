@@ -410,11 +410,11 @@ def all_gather_objects(topo: Topology, obj, leaders_only: bool = True) -> list:
 
 @contextlib.contextmanager
 def together(topo: Topology, what: str, leaders_only: bool = False):
-    """Run the block on every rank (or leader); when it fails on one of them, fail on all: the
-    error where it happened, PeerFailed naming that rank elsewhere, with its reason and whether a
-    rerun can help. A problem of one network only (a damaged file of its own) then stops every
-    rank at once, instead of leaving the others waiting in the next collective. Collective:
-    every rank (or the leaders)."""
+    """Run the block on every rank (or leader); when it fails on one of them, fail on all, with
+    one PeerFailed that names the ranks that failed and their reasons, alike on every rank (so it
+    is said once), and whether a rerun can help. A problem of one network only (a damaged file of
+    its own) then stops every rank at once, instead of leaving the others waiting in the next
+    collective. Collective: every rank (or the leaders)."""
     problem = None
     try:
         yield
@@ -422,10 +422,18 @@ def together(topo: Topology, what: str, leaders_only: bool = False):
         problem = e
     mine = None if problem is None else (str(problem), problem.resumable)
     problems = all_gather_objects(topo, mine, leaders_only)
-    if problem is not None:
-        raise problem
-    failed = [(r, p) for r, p in enumerate(problems) if p is not None]
-    if failed:
-        r, (message, resumable) = failed[0]
-        rank = topo.leader_rank(r) if leaders_only else r
-        raise PeerFailed(f"network {rank // topo.replicas} (rank {rank}) cannot {what}: {message}", resumable, rank)
+    by_message: dict[str, list[int]] = {}
+    for r, p in enumerate(problems):
+        if p is not None:
+            by_message.setdefault(p[0], []).append(topo.leader_rank(r) if leaders_only else r)
+    if by_message:
+        resumable = all(p[1] for p in problems if p is not None)
+        raise PeerFailed("; ".join(f"{_who(topo, ranks)} cannot {what}: {message}"
+                                   for message, ranks in by_message.items()), resumable) from problem
+
+
+def _who(topo: Topology, ranks: list[int]) -> str:
+    networks = ", ".join(str(n) for n in dict.fromkeys(r // topo.replicas for r in ranks))
+    if len(ranks) == 1:
+        return f"network {networks} (rank {ranks[0]})"
+    return f"networks {networks} (ranks {', '.join(map(str, ranks))})"

@@ -42,8 +42,16 @@ def disk_problem(error: OSError) -> str:
     """'disk full', 'read-only file system', or the system's own words, for a failed write."""
     import errno
 
-    return {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded"}.get(
-        error.errno, error.strerror or str(error))
+    in_the_way = "a file stands where a folder should be"
+    return {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
+            errno.EEXIST: in_the_way, errno.ENOTDIR: in_the_way}.get(error.errno, error.strerror or str(error))
+
+
+def disk_is_full(error: OSError) -> bool:
+    """Whether freeing space mends the failed write (and a rerun can then go on)."""
+    import errno
+
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class TrainingError(UserError):
@@ -72,13 +80,15 @@ class PeerLost(UserError, RuntimeError):
 
 
 class PeerFailed(UserError, RuntimeError):
-    """Another rank failed inside ``dist.together``; names that rank and repeats its error."""
+    """Some rank failed inside ``dist.together``: every rank raises this alike, naming the ranks
+    that failed and repeating their errors."""
 
     names_rank = True
+    everywhere = True
 
-    def __init__(self, message: str, resumable: bool = False, failed_rank: int | None = None):
+    def __init__(self, message: str, resumable: bool = False):
         super().__init__(message)
-        self.resumable, self.failed_rank = resumable, failed_rank
+        self.resumable = resumable
 
 
 class Stop(UserError):

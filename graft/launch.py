@@ -131,10 +131,30 @@ def failure_lines(error: ChildFailedError, replicas: int | None = None) -> list[
     # A worker that failed makes torchrun stop the others with SIGTERM: their "stopped" lines are
     # its consequence, and the failing worker's own line says what to do.
     causes = [line for line in lines if not STOPPED_BY_AGENT.search(line)]
-    return causes or lines
+    return merge_ranks(causes or lines)
 
 
 STOPPED_BY_AGENT = re.compile(r": received SIG(TERM|INT): stopped between steps|was killed by SIG(TERM|INT)$")
+RANK_PREFIX = re.compile(r"^graft: error: rank (\d+) \(network (\d+)\): ")
+
+
+def merge_ranks(lines: list[str]) -> list[str]:
+    """Lines that differ only in the rank they name (every network found the same bad data)
+    become one line that names the ranks, where the first of them stood."""
+    groups: dict[str, list[tuple[str, re.Match | None]]] = {}
+    for line in lines:
+        match = RANK_PREFIX.match(line)
+        groups.setdefault(line[match.end():] if match else line, []).append((line, match))
+    merged = []
+    for body, entries in groups.items():
+        matches = [m for _, m in entries]
+        if len(entries) == 1 or None in matches:
+            merged.append(entries[0][0])
+            continue
+        ranks = ", ".join(m.group(1) for m in matches)
+        networks = ", ".join(dict.fromkeys(m.group(2) for m in matches))
+        merged.append(f"graft: error: ranks {ranks} (networks {networks}): {body}")
+    return merged
 
 
 def quiet_torchrun_logs() -> None:

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cli import output_advice
 from .config import Config, save_config
 from .errors import OutputError, disk_problem
 from .records import EpochRecord
@@ -50,14 +51,15 @@ class Progress:
 
 
 @contextlib.contextmanager
-def writing(path: Path, what: str):
-    """A write of the run's own files: a full or read-only disk ends the run in one line that
-    names the file and says what is intact."""
+def writing(path: Path, what: str, setting: str = "output_dir", run_dir: Path | None = None, resume: str = "auto"):
+    """A write of a run's or a study's own files: a full or read-only disk ends it in one line
+    that names the file, says why and what to do (``setting`` names the folder's option; with
+    ``run_dir``, a full disk's advice says whether a checkpoint is there to resume from)."""
     try:
         yield
     except OSError as e:
-        raise OutputError(f"{path}: cannot write {what} ({disk_problem(e)}); the checkpoints written so far are "
-                          "intact: free some space (or give output_dir=... elsewhere) and rerun to resume") from None
+        advice = output_advice(e, setting, run_dir, resume)
+        raise OutputError(f"{path}: cannot write {what} ({disk_problem(e)}); {advice}") from None
 
 
 class TensorBoardLog:
@@ -118,11 +120,11 @@ class MetricsLog:
     """One JSON line per network per epoch (an EpochRecord); after a resume, records past the
     resume point are dropped so that each (network, epoch) appears exactly once."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, resume: str = "auto"):
+        self.path, self.resume = Path(path), resume
 
     def write(self, records: list[EpochRecord]) -> None:
-        with writing(self.path, "the metrics"):
+        with writing(self.path, "the metrics", run_dir=self.path.parent, resume=self.resume):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 for r in records:
@@ -171,7 +173,7 @@ class MetricsLog:
 
     def _rewrite(self, records: list[EpochRecord]) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
-        with writing(self.path, "the metrics"):
+        with writing(self.path, "the metrics", run_dir=self.path.parent, resume=self.resume):
             try:
                 tmp.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
                 os.replace(tmp, self.path)
@@ -194,9 +196,10 @@ class RunLog:
         self.dir = Path(cfg.output_dir)
         self.grafting = {"enabled": cfg.grafting.enabled, **cfg.grafting.spec().settings()}
         self.epochs, self.thresholds = cfg.epochs, tuple(cfg.invalid_thresholds)
-        with writing(self.dir / "config.yaml", "the run's config"):
+        self.resume = cfg.resume
+        with writing(self.dir / "config.yaml", "the run's config", run_dir=self.dir, resume=self.resume):
             save_config(cfg, self.dir / "config.yaml")
-        self.metrics = MetricsLog(self.dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl", cfg.resume)
         if first_epoch == 0 and self.metrics.read():
             logger.info(f"starting over: the metrics of the earlier run are kept in {self.metrics.set_aside()}")
         elif first_epoch > 0:
@@ -218,7 +221,7 @@ class RunLog:
         if not records:
             return None
         summary = {**summarize(records, test), "grafting": self.grafting}  # the GraftSpec the run grafted with
-        with writing(self.dir / "summary.json", "the summary"):
+        with writing(self.dir / "summary.json", "the summary", run_dir=self.dir, resume=self.resume):
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.info(summary["table"])
         return summary

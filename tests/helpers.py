@@ -30,14 +30,15 @@ def torchrun(nproc: int, *args, timeout: float = 240, extra=()) -> subprocess.Co
 
 
 @contextlib.contextmanager
-def small_disk(path: Path, size: str = "256k"):
+def small_disk(path: Path, size: str = "256k", read_only: bool = False):
     """A real file system of ``size`` at ``path`` (a tmpfs; needs root, as in CI's container),
     so that a full disk is a full disk and not a mocked call. Skips the test where it cannot
     mount one."""
     import pytest
 
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or 'not root'})")
@@ -47,9 +48,9 @@ def small_disk(path: Path, size: str = "256k"):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def fill(path: Path) -> None:
+def fill(path: Path, leave: int = 0) -> None:
     """Fill the file system holding ``path`` to the last byte (unbuffered writes, smaller and
-    smaller, until none fits)."""
+    smaller, until none fits), then give back ``leave`` bytes."""
     fd = os.open(path / ".filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         for size in (65536, 4096, 512, 1):
@@ -58,5 +59,7 @@ def fill(path: Path) -> None:
                     os.write(fd, b"\0" * size)
             except OSError:
                 pass
+        if leave:
+            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
     finally:
         os.close(fd)

@@ -107,24 +107,34 @@ def test_only_communication_failures_become_peer_lost():
         gather()
 
 
-def test_together_fails_on_every_rank_naming_the_one_that_failed(monkeypatch):
+def test_together_fails_on_every_rank_alike_naming_the_ranks_that_failed(monkeypatch):
     topo = gdist.Topology(rank=0, world=4, replicas=2)
     gathered = []
     monkeypatch.setattr(gdist, "all_gather_objects", lambda topo, obj, leaders_only: gathered.pop(0))
     gathered.append([None, None, ("net1/epoch0003.pt: unreadable", False), None])
-    with pytest.raises(PeerFailed, match=r"^network 1 \(rank 2\) cannot resume: net1/epoch0003.pt: unreadable") as e:
+    with pytest.raises(PeerFailed, match=r"^network 1 \(rank 2\) cannot resume: net1/epoch0003.pt: unreadable$") as e:
         with gdist.together(topo, "resume"):
             pass
-    assert e.value.failed_rank == 2 and not e.value.resumable
+    assert not e.value.resumable and e.value.everywhere
     gathered.append([None, ("no best.pt", True)])  # leaders only: entry 1 is network 1's leader, rank 2
-    with pytest.raises(PeerFailed, match=r"^network 1 \(rank 2\) cannot evaluate: no best.pt") as e:
+    with pytest.raises(PeerFailed, match=r"^network 1 \(rank 2\) cannot evaluate: no best.pt$") as e:
         with gdist.together(topo, "evaluate", leaders_only=True):
             pass
     assert e.value.resumable
-    gathered.append([("mine", False), None, None, None])  # where it happened: its own error, unchanged
-    with pytest.raises(ConfigError, match="^mine$"):
+    # Where it happened: the same error as everywhere else (said once), its own as the cause.
+    gathered.append([("mine", False), None, None, None])
+    with pytest.raises(PeerFailed, match=r"^network 0 \(rank 0\) cannot resume: mine$") as e:
         with gdist.together(topo, "resume"):
             raise ConfigError("mine")
+    assert isinstance(e.value.__cause__, ConfigError)
+    # Several ranks: one reason said once with all of them; different reasons each with theirs.
+    gathered.append([("a.pt: unreadable", True), None, ("a.pt: unreadable", True), ("b", False)])
+    with pytest.raises(PeerFailed) as e:
+        with gdist.together(topo, "resume"):
+            pass
+    assert str(e.value) == ("networks 0, 1 (ranks 0, 2) cannot resume: a.pt: unreadable; "
+                            "network 1 (rank 3) cannot resume: b")
+    assert not e.value.resumable  # a rerun cannot mend rank 3's problem
     gathered.append([None] * 4)
     with gdist.together(topo, "resume"):
         done = True

@@ -82,12 +82,14 @@ def test_population_partner_blends_toward_the_mean_of_every_network(tmp_path, np
         assert out["bytes"] == 2 * model_bytes
 
 
-def test_networks_with_other_settings_are_refused_naming_the_setting(tmp_path):
-    proc = torchrun(2, WORKER, tmp_path, 1, "auto", "differ=1")
+@pytest.mark.parametrize("differ, named", [("1", "A: "), ("bins:50", "bins: "), ("criterion:l1", "criterion: ")])
+def test_networks_with_other_settings_are_refused_naming_the_setting(tmp_path, differ, named):
+    proc = torchrun(2, WORKER, tmp_path, 1, "auto", f"differ={differ}")
     assert proc.returncode != 0
     for r in range(2):
         error = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["error"]
-        assert "grafts with other settings (A: " in error and "every network must graft with the same settings" in error
+        assert f"grafts with other settings ({named}" in error, error
+        assert "every network must graft with the same settings" in error
 
 
 def test_nan_in_one_network_stops_every_network_unpoisoned(tmp_path):

@@ -28,6 +28,13 @@ def run(out, **kw):
     return subprocess.run(command(out, **kw), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
 
 
+def graft_run(out, cache, *overrides):
+    """The same run through graft-run, which prints each distinct error line once."""
+    cmd = command(out, overrides=[*overrides, f"data.cache_dir={cache}"])
+    cmd = [sys.executable, "-m", "graft.launch", *cmd[3:cmd.index("-m", 3)], *cmd[cmd.index("-m", 3) + 2:]]
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+
+
 def final_states(out, epoch=2):
     return [torch.load(checkpoint.epoch_path(out, k, epoch), weights_only=False)["model"] for k in (0, 1)]
 
@@ -306,6 +313,18 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "refused: loading it would run code" in proc.stderr
     assert "Traceback" not in proc.stderr and not marker.exists()
+    # As a distillation teacher, and as the epoch file a resume would read: the same refusal.
+    from graft import distill
+
+    with pytest.raises(checkpoint.CheckpointError, match="evil.pt: refused: loading it would run code"):
+        distill.load_teachers([str(path)], torch.device("cpu"), False, 10)
+    epoch_file = checkpoint.epoch_path(tmp_path / "resumed", 0, 0)
+    epoch_file.parent.mkdir(parents=True)
+    shutil.copy(path, epoch_file)
+    with pytest.raises(checkpoint.CheckpointError, match=r"none of the 1 epoch checkpoint\(s\) loads \(.*epoch0001.pt: "
+                                                         r"refused: loading it would run code"):
+        checkpoint.newest_complete(tmp_path / "resumed", 0)
+    assert not marker.exists()
 
 
 def test_a_checkpoint_of_the_format_before_still_resumes(tmp_path):
@@ -355,28 +374,70 @@ def test_a_damaged_best_is_named_and_never_replaced(tmp_path):
     assert sorted(p.name for p in best.parent.iterdir()) == before and best.stat().st_size == 100
 
 
+def test_a_damaged_best_in_one_network_is_said_once_by_graft_run(tmp_path):
+    """Every rank stops when one network's best.pt is unreadable; graft-run says it in one line."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    selected = ["data.eval_split=val", "data.val_fraction=0.25"]
+    assert graft_run(out, cache, "epochs=1", *selected).returncode == 0
+    best = checkpoint.network_dir(out, 1) / "best.pt"
+    best.write_bytes(best.read_bytes()[:100])
+    proc = graft_run(out, cache, "epochs=2", *selected)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"graft: error: network 1 (rank 1) cannot resume: {best}: unreadable checkpoint"), line
+    assert line.endswith("restore it, or move it away to go on without it (then best.pt starts again from the "
+                         "epochs trained from now on)"), line
+    assert best.stat().st_size == 100
+
+
 def test_a_full_disk_stops_a_run_in_one_line_and_it_resumes(tmp_path):
     """A real full file system under output_dir: one line naming the file, nothing lost; with
     space again the same command resumes."""
-    def graft_run(epochs):
-        cmd = command(out, overrides=[f"epochs={epochs}", f"data.cache_dir={tmp_path / 'cache'}"])
-        cmd = [sys.executable, "-m", "graft.launch", *cmd[3:cmd.index("-m", 3)], *cmd[cmd.index("-m", 3) + 2:]]
-        return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    def run_for(epochs):
+        return graft_run(out, tmp_path / "cache", f"epochs={epochs}")
 
     with small_disk(tmp_path / "disk", "32m") as disk:
         out = disk / "run"
-        assert graft_run(1).returncode == 0
+        assert run_for(1).returncode == 0
         fill(disk)
-        proc = graft_run(2)
+        proc = run_for(2)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and "(disk full)" in lines[0] and str(out) in lines[0], proc.stderr[-3000:]
+        assert lines[0].endswith("the last complete checkpoint is intact: free some space and rerun the same "
+                                 "command to resume"), lines[0]
         assert checkpoint.newest_complete(out, 0)[0] == 0  # epoch 1's resume point intact
         (disk / ".filler").unlink()
-        proc = graft_run(2)
+        proc = run_for(2)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "resuming after epoch 1/2" in proc.stdout
         assert sorted((r["epoch"], r["network"]) for r in records(out)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        # The disk fills up during the epoch: room for the config and the metrics, none for a checkpoint.
+        size = checkpoint.epoch_path(out, 0, 1).stat().st_size
+        fill(disk, leave=size // 4)
+        proc = run_for(3)
+        lines = proc.stderr.splitlines()  # each network's own file: a line each
+        assert proc.returncode == 1 and len(lines) == 2, proc.stderr[-3000:]
+        for network, line in enumerate(lines):
+            assert f"net{network}/best.new.pt: cannot write the best weights (disk full); nothing was written; " \
+                   "free some space and rerun the same command to resume" in line, line
+        assert checkpoint.newest_complete(out, 0)[0] == 1 and checkpoint.newest_complete(out, 1)[0] == 1
+        (disk / ".filler").unlink()
+        assert run_for(3).returncode == 0
+
+
+def test_an_output_dir_that_cannot_be_written_says_so_without_rerun_advice(tmp_path):
+    """A read-only file system, or a file where the run's folder should be: one line naming the
+    file and the cause, and the advice to choose another folder (a rerun cannot help)."""
+    (tmp_path / "a_file").write_text("not a folder")
+    with small_disk(tmp_path / "ro", read_only=True) as read_only:
+        for out, cause in ((tmp_path / "a_file", "a file stands where a folder should be"),
+                           (read_only / "run", "read-only file system")):
+            proc = graft_run(out, tmp_path / "cache", "epochs=1")
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            assert proc.stderr.splitlines() == [
+                f"graft: error: rank 0 (network 0): {out}/config.yaml: cannot write the run's config ({cause}); "
+                "give output_dir a folder that can be written"]
 
 
 def test_tensorboard_on_a_full_disk_is_turned_off_with_a_warning(tmp_path, caplog):

@@ -213,8 +213,9 @@ def test_grafter_every_k_optimizer_steps(tmp_path):
                 assert all(torch.equal(step["before"][key], v) for key, v in step["after"].items())
 
 
-def test_networks_of_other_architectures_are_refused_before_blending(tmp_path):
-    proc = torchrun(2, WORKER, tmp_path, "mismatch")
+@pytest.mark.parametrize("mode", ["mismatch", "extra_layer"])
+def test_networks_of_other_architectures_are_refused_before_blending(tmp_path, mode):
+    proc = torchrun(2, WORKER, tmp_path, mode)
     assert proc.returncode != 0
     assert "epoch 1: network(s) [1] hold a model with other keys, shapes or dtypes" in proc.stderr
     assert "epoch 1: network(s) [0] hold a model with other keys, shapes or dtypes" in proc.stderr

@@ -130,6 +130,11 @@ def test_failure_lines_are_distinct_and_say_how_each_worker_ended(tmp_path):
         1: failure(6, 1, "graft: error: rank 1 (network 1): received SIGTERM: stopped between steps; ...")})
     assert launch.failure_lines(stopped) == [
         "graft: error: rank 0 (network 0): x/config.yaml: cannot write the run's config (disk full)"]
+    # Lines that differ only in the rank they name (every network found the same bad data): one.
+    bad = "data.root: d holds 1 class(es); classification needs 2 or more class folders"
+    alike = ChildFailedError("graft.train", {
+        r: failure(10 + r, 1, f"graft: error: rank {r} (network {r // 2}): {bad}") for r in range(4)})
+    assert launch.failure_lines(alike) == [f"graft: error: ranks 0, 1, 2, 3 (networks 0, 1): {bad}"]
 
 
 def test_how_a_worker_reports_an_error(tmp_path, monkeypatch, capsys):
@@ -142,9 +147,9 @@ def test_how_a_worker_reports_an_error(tmp_path, monkeypatch, capsys):
     report_error(ConfigError("command line: epochs: expected int, got 'abc'"), 1)
     report_error(checkpoint.CheckpointError("x.pt: unreadable checkpoint"), 1, 1, distributed=True)
     assert capsys.readouterr().err == "graft: error: rank 1 (network 1): x.pt: unreadable checkpoint\n"
-    # Another rank's failure is said once, by the lowest rank that did not fail, with its reason.
-    failed = PeerFailed("network 1 (rank 1) cannot resume: x.pt: unreadable", failed_rank=1)
-    for rank in (0, 2, 3):
+    # A failure every rank gathered is said once, by rank 0, with its reason.
+    failed = PeerFailed("network 1 (rank 1) cannot resume: x.pt: unreadable")
+    for rank in (0, 1, 2, 3):
         report_error(failed, rank, rank, distributed=True)
     assert capsys.readouterr().err == "graft: error: network 1 (rank 1) cannot resume: x.pt: unreadable\n"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))

@@ -340,7 +340,9 @@ def test_bad_files_and_arguments_of_graft_study_are_one_line(tmp_path, monkeypat
     blocked.write_text("a file, not a folder")
     assert study.main([str(PLAN), "--results", str(blocked), "--report"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"graft-study: error: {blocked}: cannot write the study's report") and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"graft-study: error: {blocked}: cannot write the study's report (a file stands "
+                                    "where a folder should be); give --results a folder that can be written")
+    assert "Traceback" not in err
     # An archived summary without the figures the report reads: named.
     archive = tmp_path / "res" / "tiny" / "graft" / "seed0"
     archive.mkdir(parents=True)

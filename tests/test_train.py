@@ -152,6 +152,15 @@ def test_folder_data_through_dataloader_workers(tmp_path):
         torch.save(payload, bad)
         with pytest.raises(CheckpointError, match=message):
             evaluate_checkpoint(bad, "test")
+    # An image the workers cannot decode: one line that names the file (PIL's own names none).
+    damaged = sorted((root / "train").rglob("*.jpg"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    proc, _ = train(tmp_path, 1, "epochs=1", "data.name=imagefolder", f"data.root={root}", "data.in_memory=false",
+                    "data.workers=1", "data.image_size=32", "data.train_subset=0", name="damaged")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("graft: error:")]
+    assert len(lines) == 1 and f"data.root: cannot decode image {damaged}: " in lines[0], proc.stderr[-3000:]
+    assert "Original Traceback" not in proc.stderr, proc.stderr[-3000:]  # torchrun adds its own below
 
 
 def test_hybrid_mode_trains_two_networks_of_two_replicas(tmp_path):

@@ -145,7 +145,7 @@ def _machine_keys(results) -> dict[str, str]:
 def write_report(plan: Plan, runs: list[Run], plan_path: str | None = None) -> Path:
     """Write ``<results>/<name>.md`` (and ``.png`` when matplotlib is installed); returns the .md
     path. A results folder it cannot write ends in one line (OutputError)."""
-    with writing(Path(plan.results), "the study's report"):
+    with writing(Path(plan.results), "the study's report", setting="--results"):
         return _write_report(plan, runs, plan_path)
 
 

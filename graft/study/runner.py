@@ -66,7 +66,7 @@ def run_one(plan: Plan, run: Run, extra=()) -> tuple[int, list[str]]:
             state["finished"] = proc.poll() == 0 and (run.dir / "summary.json").exists()
             write_state(run, state)
     if state["finished"]:
-        with writing(run.archive, "the run's archive"):
+        with writing(run.archive, "the run's archive", setting="--results"):
             archive(run)
         write_distance(run)
     return code, errors

@@ -39,8 +39,10 @@ def main():
     settings = dict(item.split("=", 1) for item in rest if "=" in item)
     topo = dist.setup(replicas, os.environ.get("GRAFT_WORKER_BACKEND", "gloo"),
                       os.environ.get("GRAFT_WORKER_DEVICE", "cpu"), timeout=60)
-    if settings.pop("differ", None) and topo.network == 1:  # network 1 grafts with another A
-        settings["A"] = "0.3"
+    differ = settings.pop("differ", None)
+    if differ and topo.network == 1:  # network 1 grafts with another setting (differ=1: another A)
+        key, value = ("A", "0.3") if differ == "1" else differ.split(":", 1)
+        settings[key] = value
     spec = GraftSpec.make(**{k: yaml.safe_load(v) for k, v in settings.items()})
     torch.manual_seed(100 + topo.network)  # replicas of a network share the seed
     model = tiny_model()

@@ -4,7 +4,8 @@
 
 MODE: own (the Grafter starts the process group), joined (the script starts it and grafts a
 torch.compile'd wrapper), hybrid (2 networks x 2 DDP replicas), steps (every_steps=2 over 5
-optimizer steps), mismatch (network 1 has another classifier size).
+optimizer steps), mismatch (network 1 has another classifier size), extra_layer (network 1 has one
+layer more).
 """
 
 import sys
@@ -62,6 +63,8 @@ def main():
                             every_steps=2 if mode == "steps" else 0)
     topo = grafter.topology
     model = make_model(100 + topo.network, 4 if mode == "mismatch" and topo.network == 1 else 3)
+    if mode == "extra_layer" and topo.network == 1:
+        model.add_module("extra", nn.Linear(2, 2))
     wrapped = model
     if mode == "hybrid":  # one DDP step over the network's group first
         wrapped = nn.parallel.DistributedDataParallel(model, process_group=topo.network_group)
