@@ -46,7 +46,12 @@ TORCHELASTIC_JOB = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHE
 
 
 class LaunchError(Exception):
-    """The job cannot be split into networks as asked."""
+    """The job cannot be split into networks as asked. ``everywhere``: every rank finds it alike
+    (it is said without a rank, so graft-run prints it once)."""
+
+    def __init__(self, message: str, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere
 
 
 def graft_world(env: dict) -> dict:
@@ -56,7 +61,7 @@ def graft_world(env: dict) -> dict:
     replicas = int(env.get("GRAFT_REPLICAS", "1"))
     if world % replicas:
         raise LaunchError(f"{world} processes do not split into networks of --data-parallel {replicas}: start "
-                          f"networks x {replicas} processes")
+                          f"networks x {replicas} processes", everywhere=True)
     if local_world % replicas:
         raise LaunchError(f"{local_world} processes on this node do not hold whole networks of --data-parallel "
                           f"{replicas}: each network's replicas must share a node (--nproc_per_node a multiple "
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = prepare(dict(os.environ))
     except LaunchError as e:
-        report(f"graft: error: rank {os.environ.get('RANK', '?')}: {e}")
+        report(f"graft: error: {e}" if e.everywhere else f"graft: error: rank {os.environ.get('RANK', '?')}: {e}")
         return 1
     os.environ.clear()
     os.environ.update(env)

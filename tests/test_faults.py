@@ -374,6 +374,7 @@ def test_a_damaged_best_is_named_and_never_replaced(tmp_path):
     assert sorted(p.name for p in best.parent.iterdir()) == before and best.stat().st_size == 100
 
 
+@pytest.mark.slow
 def test_a_damaged_best_in_one_network_is_said_once_by_graft_run(tmp_path):
     """Every rank stops when one network's best.pt is unreadable; graft-run says it in one line."""
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -426,6 +427,7 @@ def test_a_full_disk_stops_a_run_in_one_line_and_it_resumes(tmp_path):
         assert run_for(3).returncode == 0
 
 
+@pytest.mark.slow
 def test_an_output_dir_that_cannot_be_written_says_so_without_rerun_advice(tmp_path):
     """A read-only file system, or a file where the run's folder should be: one line naming the
     file and the cause, and the advice to choose another folder (a rerun cannot help)."""

@@ -8,6 +8,7 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import ROOT, env
@@ -51,6 +52,7 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert "CPU stand-ins (--cpu)" in out.read_text()
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_without_cuda_or_with_an_unknown_check(tmp_path):
     if not torch.cuda.is_available():
         proc = gpu_check("--work", str(tmp_path), timeout=120)
@@ -85,6 +87,7 @@ def test_gpu_check_names_what_its_python_lacks(tmp_path):
     assert "-m pip install -e '.[test]'" in line
 
 
+@pytest.mark.slow
 def test_gpu_check_budget_bounds_the_run(tmp_path):
     """--budget: the table comes within it, the checks it leaves no time for marked skip."""
     out = tmp_path / "gpu_check.md"
