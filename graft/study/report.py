@@ -328,7 +328,8 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
     right.legend(fontsize=8)
     lows = [v for rs in per_arm.values() for r in rs.values() for v in r["curve"][len(r["curve"]) // 2:]]
     if lows and not math.isnan(min(lows)):  # zoom on the second half, where the arms differ
-        first = max(len(r["curve"]) for rs in per_arm.values() for r in rs.values()) // 2 + 1
+        # of the shortest run: a longer arm (twice the epochs) must not push the others out of view
+        first = min(len(r["curve"]) for rs in per_arm.values() for r in rs.values() if r["curve"]) // 2 + 1
         right.set_ylim(min(lows) - 1, None)
         right.set_xlim(first - 0.5, None)
         right.set_title(f"learning curves from epoch {first}")
