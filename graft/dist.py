@@ -360,13 +360,18 @@ def arrive(topo: Topology, tag: str, timeout: float | None = None, scope: str = 
 
 def _waiting_elsewhere(topo: Topology, store, tag: str, missing: list[int]) -> str:
     """'network 1 (rank 1) at epoch 2 graft' for each missing rank that waits at a point this rank
-    never reached: neither can go on without the other."""
+    never reached: neither can go on without the other.
+
+    ``missing`` may be stale: a peer can arrive at ``tag`` and move on to its next point after it
+    was listed. A peer sets its arrival key before its next waiting point, so one re-read of that
+    key after its point tells a peer that passed ``tag`` from one that never reached it."""
     found = []
     for r in missing:
         if not store.check([f"waiting/{r}"]):
             continue
         theirs = store.get(f"waiting/{r}").decode()
-        if theirs and theirs != tag and not store.check([f"arrive/{theirs}/{topo.rank}"]):
+        passed_ours = store.check([f"arrive/{tag}/{r}"])  # read after theirs: see the docstring
+        if theirs and theirs != tag and not passed_ours and not store.check([f"arrive/{theirs}/{topo.rank}"]):
             found.append(f"network {r // topo.replicas} (rank {r}) at {theirs}")
     return ", ".join(found)
 

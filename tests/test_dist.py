@@ -169,6 +169,19 @@ def test_a_peer_waiting_at_another_point_is_named_at_once():
         gdist.arrive(topo, "epoch 2 graft", timeout=0.3)
 
 
+def test_a_peer_that_passed_this_point_meanwhile_is_not_named():
+    """CI's flake: rank 2 listed rank 1 as missing at 'epoch 2 trained'; rank 1 then arrived and
+    moved on to 'end of run' before rank 2 read its point. That is progress, not a deadlock."""
+    store = dist.HashStore()
+    topo = gdist.Topology(rank=0, world=2, store=store, timeout=60)
+    store.set("arrive/epoch 2 trained/1", "1")  # rank 1 arrived after rank 0 listed it ...
+    store.set("waiting/1", "end of run")         # ... and waits at its next point already
+    assert gdist._waiting_elsewhere(topo, store, "epoch 2 trained", [1]) == ""
+    store.set("waiting/1", "epoch 1 trained")    # a rank that never reached this point is named
+    store.delete_key("arrive/epoch 2 trained/1")
+    assert gdist._waiting_elsewhere(topo, store, "epoch 2 trained", [1]) == "network 1 (rank 1) at epoch 1 trained"
+
+
 def test_a_scripts_cuda_device_is_its_local_rank_when_it_never_set_one(monkeypatch):
     """A script that moved its model with .to(f"cuda:{local_rank}") and never called set_device
     has current_device() 0 on every rank: the Grafter takes LOCAL_RANK's GPU instead."""
