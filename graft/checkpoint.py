@@ -20,7 +20,6 @@ types that state needs are allowed for them.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
@@ -35,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .config import setup_differences
-from .errors import CheckpointError, disk_is_full, disk_problem
+from .errors import CheckpointError, disk_problem
 from .records import EpochRecord
 
 FORMAT = "graft-checkpoint/2"
@@ -94,7 +93,7 @@ def atomic_save(obj, path: str | Path, what: str = "checkpoint") -> None:
             Path(tmp).unlink(missing_ok=True)
         before = "the previous one is intact" if path.exists() else "nothing was written"
         error = CheckpointError(f"{path}: cannot write the {what} ({disk_problem(e)}); {before}")
-        error.disk_full = disk_is_full(e)
+        error.os_error = e  # the caller's advice depends on it (graft.cli.saving_checkpoints)
         raise error from None
     except BaseException:
         if tmp is not None:
@@ -120,30 +119,18 @@ def save_epoch(run_dir: str | Path, network: int, setup: dict, state: dict, keep
             d.mkdir(parents=True, exist_ok=True)
             (d / NUMBERING).write_text("epoch files count epochs from 1, as the log does\n")
         except OSError as e:
-            raise CheckpointError(f"{d / NUMBERING}: cannot write ({disk_problem(e)}); no checkpoint was written "
-                                  "this epoch") from None
+            error = CheckpointError(f"{d / NUMBERING}: cannot write ({disk_problem(e)}); no checkpoint was written "
+                                    "this epoch")
+            error.os_error = e
+            raise error from None
     path = epoch_path(run_dir, network, epoch)
-    with _advice_on_full_disk(run_dir, network):
-        atomic_save({"format": FORMAT, "network": network, "setup": setup, **state}, path)
+    atomic_save({"format": FORMAT, "network": network, "setup": setup, **state}, path)
     older = [p for e, p in epoch_files(run_dir, network) if e < epoch]
     for old in older[:len(older) - (keep - 1)]:
         old.unlink(missing_ok=True)
     for partial in path.parent.glob(".*.pt.*.tmp"):  # this process is the directory's only writer
         partial.unlink(missing_ok=True)
     return path
-
-
-@contextlib.contextmanager
-def _advice_on_full_disk(run_dir: str | Path, network: int):
-    """A run's save that found the disk full says how to go on: space, then the same command,
-    which resumes from the network's last complete epoch file where there is one."""
-    try:
-        yield
-    except CheckpointError as e:
-        if not getattr(e, "disk_full", False):
-            raise
-        then = "rerun the same command to resume" if epoch_files(run_dir, network) else "rerun"
-        raise CheckpointError(f"{e}; free some space and {then}") from None
 
 
 def save_best(run_dir: str | Path, network: int, epoch: int, acc: float, split: str, setup: dict,
@@ -156,9 +143,8 @@ def save_best(run_dir: str | Path, network: int, epoch: int, acc: float, split: 
     """
     path = network_dir(run_dir, network) / "best.pt"
     new = path.with_name("best.new.pt")  # written in full first: a full disk changes nothing
-    with _advice_on_full_disk(run_dir, network):
-        atomic_save({"format": FORMAT, "network": network, "epoch": epoch, "acc": acc, "split": split,
-                     "setup": setup, "model": model}, new, "best weights")
+    atomic_save({"format": FORMAT, "network": network, "epoch": epoch, "acc": acc, "split": split,
+                 "setup": setup, "model": model}, new, "best weights")
     if path.exists():
         os.replace(path, path.with_name("best.prev.pt"))
     os.replace(new, path)

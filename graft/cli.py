@@ -8,6 +8,7 @@ rank stopped because another failed says so and repeats that rank's reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -16,14 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import REPORTED_BY_LAUNCHER, Stop, UserError, disk_is_full
+from .errors import REPORTED_BY_LAUNCHER, CheckpointError, Stop, UserError, disk_is_full
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def has_checkpoint(output_dir: str | Path) -> bool:
-    """Whether a run directory holds a resume point of some network."""
-    return any(Path(output_dir).glob("checkpoints/net*/epoch*.pt"))
+def has_checkpoint(output_dir: str | Path, network: int | None = None) -> bool:
+    """Whether a run directory holds a resume point of some network (of ``network``, if given)."""
+    return any(Path(output_dir).glob(f"checkpoints/net{'*' if network is None else network}/epoch*.pt"))
 
 
 def resume_hint(output_dir: str, resume: str = "auto") -> str:
@@ -44,15 +45,31 @@ def after_stop(output_dir: str | None, resume: str = "auto") -> str:
     return f"the last complete checkpoint is intact; {resume_hint(output_dir, resume)}"
 
 
-def output_advice(error: OSError, setting: str, run_dir: str | Path | None = None, resume: str = "auto") -> str:
-    """What to do about an output that cannot be written. Space mends a full disk, and a rerun
-    then resumes where a checkpoint exists; a read-only folder, or a file in the way, needs
-    another folder, whatever is rerun."""
+def output_advice(error: OSError, setting: str, run_dir: str | Path | None = None, resume: str = "auto",
+                  network: int | None = None) -> str:
+    """What to do about an output that cannot be written: every write of a run's or a study's own
+    files ends with this. Space mends a full disk, and a rerun then resumes where a checkpoint
+    exists (of ``network``, for that network's own save); a read-only folder, or a file in the
+    way, needs another folder, whatever is rerun."""
     if not disk_is_full(error):
         return f"give {setting} a folder that can be written"
-    if run_dir is not None and has_checkpoint(run_dir):
-        return f"the last complete checkpoint is intact: free some space and {resume_hint(str(run_dir), resume)}"
+    if run_dir is not None and has_checkpoint(run_dir, network):
+        then = " and " if resume != "never" else "; "  # "; to resume it, rerun with output_dir=..."
+        return f"the last complete checkpoint is intact: free some space{then}{resume_hint(str(run_dir), resume)}"
     return f"free some space (or give {setting} another disk) and rerun"
+
+
+@contextlib.contextmanager
+def saving_checkpoints(run_dir: str | Path, network: int, resume: str = "auto"):
+    """A network's checkpoint save that cannot write ends with the same advice as any other
+    output (its CheckpointError carries the OSError)."""
+    try:
+        yield
+    except CheckpointError as e:
+        cause = getattr(e, "os_error", None)
+        if cause is None:
+            raise
+        raise CheckpointError(f"{e}; {output_advice(cause, 'output_dir', run_dir, resume, network)}") from None
 
 
 def stop_message(signum: int, output_dir: str | None, resume: str = "auto") -> str:

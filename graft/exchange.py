@@ -228,33 +228,46 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
              scores: Tensor, when: str, exchange: str = "auto") -> GraftError | None:
     """Whether every network can graft: finite weights, one architecture, one plan, one spec.
     Collective: leaders (one small all_gather of fixed size, so that every network refuses
-    together or none does, before any gather whose size depends on the model)."""
+    together or none does, before any gather whose size depends on the model).
+
+    The refusal is worded from what the leaders gathered, against network 0, so it is the same
+    line on every leader (said once, by rank 0, and once by graft-run)."""
     bad_layer = spec.criterion_rule.first_non_finite(state, plan, scores)
     layout = _checksum([(k, tuple(t.shape), str(t.dtype)) for k, t in state.items()])
     transport = "ring" if exchange == "auto" else exchange
     head = torch.tensor([0.0 if bad_layer is None else 1.0, layout, _checksum((plan.layers, plan.follows)),
                          spec.fingerprint(), _checksum(transport)], dtype=torch.float64)
     heads = gather_rows(topo, head)
-    here = f"rank {topo.rank}, network {topo.network}: {when}"
+    message = None
     if bool(heads[:, 0].any()):
-        bad = [int(i) for i in heads[:, 0].nonzero().flatten()]
-        layer = f" (layer {bad_layer!r})" if bad_layer is not None else ""
-        return GraftError(f"{here}: NaN or Inf weights in network(s) {bad}{layer}; nobody grafts, the weights "
-                          "stay as they were")
-    for column, what in ((1, "a model with other keys, shapes or dtypes; grafting needs one architecture"),
-                         (2, "other layers to graft (another plan: a model with other module types?)"),
-                         (4, f"another exchange than this network's {transport!r} (grafting.exchange)")):
-        other = [int(i) for i in (heads[:, column] != head[column]).nonzero().flatten()]
-        if other:
-            return GraftError(f"{here}: network(s) {other} hold {what}")
-    if bool((heads[:, 3] != head[3]).any()):
+        layers = all_gather_objects(topo, bad_layer)                             # leaders
+        bad = ", ".join(f"network {k}" + (f" (layer {layer!r})" if layer is not None else "")
+                        for k, layer in enumerate(layers) if heads[k, 0])
+        message = f"NaN or Inf weights in {bad}; nobody grafts, the weights stay as they were"
+    for column, what in ((1, "a model with other keys, shapes or dtypes than network 0's; grafting needs one "
+                             "architecture"),
+                         (2, "other layers to graft than network 0 (another plan: a model with other module types?)"),
+                         (4, "another exchange than network 0 (grafting.exchange)")):
+        other = [int(i) for i in (heads[:, column] != heads[0, column]).nonzero().flatten()]
+        if other and message is None:
+            message = f"{_networks(other)} {'hold' if len(other) > 1 else 'holds'} {what}"
+    if message is None and bool((heads[:, 3] != heads[0, 3]).any()):
         settings = all_gather_objects(topo, spec.settings())                     # leaders
-        for k, theirs in enumerate(settings):
-            diff = rules.differences(spec.settings(), theirs)
+        for k, theirs in enumerate(settings[1:], start=1):
+            diff = rules.differences(settings[0], theirs, "in network 0", f"in network {k}")
             if diff:
-                return GraftError(f"{here}: network {k} grafts with other settings ({'; '.join(diff)}); every "
-                                  "network must graft with the same settings")
-    return None
+                message = (f"network {k} grafts with other settings than network 0 ({'; '.join(diff)}); every "
+                           "network must graft with the same settings")
+                break
+    if message is None:
+        return None
+    error = GraftError(f"{when}: {message}")
+    error.everywhere = True  # the same words on every leader
+    return error
+
+
+def _networks(ks: list[int]) -> str:
+    return f"network {ks[0]}" if len(ks) == 1 else "networks " + ", ".join(map(str, ks))
 
 
 def _leader_refused(topo: Topology, refused: bool, when: str) -> GraftError | None:
@@ -266,8 +279,10 @@ def _leader_refused(topo: Topology, refused: bool, when: str) -> GraftError | No
     if refused or not bool(status.item()):
         return None
     leader = topo.leader_rank(topo.network)
-    return GraftError(f"rank {topo.rank}, network {topo.network}: {when}: rank {leader} refused to graft (see its "
-                      "error); the weights stay as they were")
+    error = GraftError(f"rank {topo.rank}, network {topo.network}: {when}: rank {leader} refused to graft (see its "
+                       "error); the weights stay as they were")
+    error.everywhere = True  # every leader refused alike, rank 0 among them: it says why, this rank need not
+    return error
 
 
 def _from_leader(topo: Topology, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -128,13 +128,16 @@ def failure_lines(error: ChildFailedError, replicas: int | None = None) -> list[
             line = f"graft: error: {who} exited with code {failure.exitcode}; its output above says why"
         if line not in lines:
             lines.append(line)
-    # A worker that failed makes torchrun stop the others with SIGTERM: their "stopped" lines are
-    # its consequence, and the failing worker's own line says what to do.
-    causes = [line for line in lines if not STOPPED_BY_AGENT.search(line)]
+    # A worker that failed makes torchrun stop the others with SIGTERM, and peers waiting on it
+    # lose their connection or their leader's weights: those lines are its consequence, and the
+    # failing worker's own line says what to do.
+    causes = [line for line in lines if not CONSEQUENCE.search(line)]
     return merge_ranks(causes or lines)
 
 
-STOPPED_BY_AGENT = re.compile(r": received SIG(TERM|INT): stopped between steps|was killed by SIG(TERM|INT)$")
+CONSEQUENCE = re.compile(r": received SIG(TERM|INT): stopped between steps|was killed by SIG(TERM|INT)$"
+                         r"|; a peer probably stopped first: see its error$"
+                         r"|: rank \d+ refused to graft \(see its error\)")
 RANK_PREFIX = re.compile(r"^graft: error: rank (\d+) \(network (\d+)\): ")
 
 

@@ -302,9 +302,10 @@ class GraftSpec:
         return plan
 
 
-def differences(a: Mapping, b: Mapping) -> list[str]:
+def differences(a: Mapping, b: Mapping, here: str = "here", there: str = "there") -> list[str]:
     """'A: 0.4 here, 0.3 there' for each setting two specs' settings disagree on."""
-    return [f"{k}: {a.get(k)!r} here, {b.get(k)!r} there" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k)!r} {here}, {b.get(k)!r} {there}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -201,7 +201,8 @@ def run(cfg: Config, topo: Topology, loaders: Loaders) -> dict | None:
         record.epoch_seconds = time.perf_counter() - start
         point.epoch, point.record = epoch, record
         if topo.is_leader:  # the resume point: grafted weights, ready for the next epoch
-            checkpoint.save_epoch(cfg.output_dir, topo.network, cfg.setup(topo.networks), point.state_dict())
+            with cli.saving_checkpoints(cfg.output_dir, topo.network, cfg.resume):
+                checkpoint.save_epoch(cfg.output_dir, topo.network, cfg.setup(topo.networks), point.state_dict())
             records = all_gather_objects(topo, record)                                  # collective: leaders
             if topo.is_main:
                 out.epoch(records)
@@ -243,8 +244,9 @@ def keep_if_best(cfg: Config, topo: Topology, point: ResumePoint, record: EpochR
     """Model selection on the evaluated split: best.pt holds the best weights so far (leaders)."""
     if record.acc > point.best_acc:
         point.best_acc, point.best_epoch = record.acc, record.epoch
-        checkpoint.save_best(cfg.output_dir, topo.network, record.epoch, record.acc, record.split,
-                             cfg.setup(topo.networks), point.model.state_dict())
+        with cli.saving_checkpoints(cfg.output_dir, topo.network, cfg.resume):
+            checkpoint.save_best(cfg.output_dir, topo.network, record.epoch, record.acc, record.split,
+                                 cfg.setup(topo.networks), point.model.state_dict())
 
 
 def ensemble_accuracy(topo: Topology, probs: torch.Tensor, labels: torch.Tensor) -> float:

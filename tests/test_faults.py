@@ -280,6 +280,35 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
         assert sorted(p.name for p in disk.iterdir()) == [".filler", "ckpt.pt"]
 
 
+def test_a_checkpoint_save_gets_the_advice_of_every_output_write(tmp_path):
+    """One advice for every write (graft.cli.output_advice): space and a resume where this network
+    has a resume point, the directory to resume under resume=never, another folder where space
+    cannot help."""
+    import errno
+
+    from graft import cli
+
+    def failed_save(network, resume, error):
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            with cli.saving_checkpoints(tmp_path, network, resume):
+                failure = checkpoint.CheckpointError("x.pt: cannot write the checkpoint (why); nothing was written")
+                failure.os_error = error
+                raise failure
+        return str(e.value).removeprefix("x.pt: cannot write the checkpoint (why); nothing was written; ")
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    checkpoint.save_epoch(tmp_path, 1, {}, {"epoch": 0, "model": {}})
+    assert failed_save(0, "auto", full) == "free some space (or give output_dir another disk) and rerun"
+    assert failed_save(1, "auto", full) == ("the last complete checkpoint is intact: free some space and rerun the "
+                                            "same command to resume")
+    assert failed_save(1, "never", full) == (f"the last complete checkpoint is intact: free some space; to resume "
+                                             f"it, rerun with output_dir={tmp_path} resume=auto")
+    assert failed_save(1, "auto", OSError(errno.EROFS, "Read-only")) == "give output_dir a folder that can be written"
+    with pytest.raises(checkpoint.CheckpointError, match="^y.pt: unreadable$"):  # not a write: no advice
+        with cli.saving_checkpoints(tmp_path, 1):
+            raise checkpoint.CheckpointError("y.pt: unreadable")
+
+
 def test_foreign_file_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "x.pt"
     torch.save({"net": {}}, path)
@@ -420,8 +449,9 @@ def test_a_full_disk_stops_a_run_in_one_line_and_it_resumes(tmp_path):
         lines = proc.stderr.splitlines()  # each network's own file: a line each
         assert proc.returncode == 1 and len(lines) == 2, proc.stderr[-3000:]
         for network, line in enumerate(lines):
-            assert f"net{network}/best.new.pt: cannot write the best weights (disk full); nothing was written; " \
-                   "free some space and rerun the same command to resume" in line, line
+            assert line.endswith(f"net{network}/best.new.pt: cannot write the best weights (disk full); nothing was "
+                                 "written; the last complete checkpoint is intact: free some space and rerun the same "
+                                 "command to resume"), line
         assert checkpoint.newest_complete(out, 0)[0] == 1 and checkpoint.newest_complete(out, 1)[0] == 1
         (disk / ".filler").unlink()
         assert run_for(3).returncode == 0

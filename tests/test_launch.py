@@ -130,6 +130,17 @@ def test_failure_lines_are_distinct_and_say_how_each_worker_ended(tmp_path):
         1: failure(6, 1, "graft: error: rank 1 (network 1): received SIGTERM: stopped between steps; ...")})
     assert launch.failure_lines(stopped) == [
         "graft: error: rank 0 (network 0): x/config.yaml: cannot write the run's config (disk full)"]
+    # So are a lost connection to a stopped peer and a replica whose leader refused to graft.
+    nan = "graft: error: epoch 2: NaN or Inf weights in network 1 (layer 'fc.weight'); nobody grafts, ..."
+    lost = ("graft: error: rank 2 (network 1): communication with the other ranks failed (RuntimeError: Connection "
+            "closed by peer); a peer probably stopped first: see its error")
+    refused = ("graft: error: rank 1, network 0: epoch 2: rank 0 refused to graft (see its error); the weights stay "
+               "as they were")
+    consequences = ChildFailedError("graft.train", {0: failure(20, 1, nan), 1: failure(21, 1, refused),
+                                                    2: failure(22, 1, lost)})
+    assert launch.failure_lines(consequences) == [nan]
+    alone = ChildFailedError("graft.train", {2: failure(23, 1, lost)})
+    assert launch.failure_lines(alone) == [lost]  # nothing else said why: kept
     # Lines that differ only in the rank they name (every network found the same bad data): one.
     bad = "data.root: d holds 1 class(es); classification needs 2 or more class folders"
     alike = ChildFailedError("graft.train", {
