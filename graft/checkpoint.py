@@ -170,11 +170,15 @@ def load(path: str | Path, map_location="cpu") -> dict:
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused: loading it would run code{what}; graft reads checkpoints as weights "
-                              "only") from None
+        if found is None:  # not a call of code: bytes that are no pickle torch wrote ("Unsupported operand 103")
+            why = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", str(e))
+            raise CheckpointError(f"{path}: unreadable checkpoint (not a file torch.save wrote: "
+                                  f"{why.group(1) if why else type(e).__name__})") from None
+        raise CheckpointError(f"{path}: refused: loading it would run code ({found.group(1)}); graft reads checkpoints "
+                              "as weights only") from None
     except Exception as e:  # torch raises many types for a damaged file
-        why = (str(e).strip().splitlines() or [""])[0]
+        # Its first sentence: torch's zip reader appends a paragraph on how files get corrupted.
+        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(obj, dict) or obj.get("format") not in FORMATS:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__

@@ -309,6 +309,23 @@ def test_a_checkpoint_save_gets_the_advice_of_every_output_write(tmp_path):
             raise checkpoint.CheckpointError("y.pt: unreadable")
 
 
+def test_damaged_bytes_are_unreadable_not_code(tmp_path):
+    """A file that is no pickle torch wrote is damaged, not code; torch's paragraph on how files
+    get corrupted is cut to its first sentence."""
+    garbage, cut = tmp_path / "garbage.pt", tmp_path / "cut.pt"
+    garbage.write_bytes(b"garbage" * 10)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(garbage)
+    assert str(e.value).startswith(f"{garbage}: unreadable checkpoint (not a file torch.save wrote: "), str(e.value)
+    assert "\n" not in str(e.value) and "run code" not in str(e.value)  # torch 2.14: "... wrote: Unsupported operand 103)"
+    torch.save({"format": checkpoint.FORMAT, "model": {"w": torch.zeros(100)}}, cut)
+    cut.write_bytes(cut.read_bytes()[:100])
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(cut)
+    assert str(e.value).startswith(f"{cut}: unreadable checkpoint (RuntimeError: PytorchStreamReader failed")
+    assert "miniz" not in str(e.value) and len(str(e.value)) < len(str(cut)) + 150, str(e.value)
+
+
 def test_foreign_file_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "x.pt"
     torch.save({"net": {}}, path)
