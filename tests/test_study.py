@@ -73,6 +73,23 @@ def test_difference_table_pairs_seeds_and_flags_a_zero_width_interval():
             "seeds).") in text
 
 
+def test_invalid_filters_are_compared_where_some_run_has_them():
+    """The invalid-filter counts get a paired table of their own, under the thresholds where some
+    run ended with one; none where every count is 0 (the recipe that has none)."""
+    from graft.study.report import difference_table, invalid_metrics
+
+    def run(low, high):
+        return {"invalid": {"0.1": low, "0.01": high}, "invalid<0.1": low, "invalid<0.01": high}
+
+    per_arm = {"independent": {0: run(60.0, 0.0), 1: run(58.0, 0.0)}, "graft": {0: run(30.5, 0.0), 1: run(31.5, 0.0)}}
+    counted = invalid_metrics(per_arm)
+    assert counted == [("invalid<0.1", "invalid filters, L1 < 0.1")]
+    lines = difference_table([("graft", "independent")], per_arm, counted)
+    assert "| graft | independent | invalid filters, L1 < 0.1 | 2 | -28.00 | [-47.06, -8.94] |" in lines
+    assert invalid_metrics({"independent": {0: run(0, 0)}, "graft": {0: run(0, 0)}}) == []
+    assert invalid_metrics({"independent": {}}) == []
+
+
 def test_time_left_goes_by_the_arm(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     plan = load_plan(PLAN)

@@ -71,11 +71,13 @@ def _run_result(run: Run) -> dict:
     curve = {}
     for r in records:
         curve.setdefault(r.epoch, []).append(r.acc)
+    invalid = {t: statistics.mean(r.invalid_filters[t] for r in last) for t in last[0].invalid_filters}
     return {
         **accs,
+        **{f"invalid<{t}": n for t, n in invalid.items()},  # compared like the accuracies (invalid_metrics)
         "epochs": last_epoch + 1,
         "filters": last[0].filters,
-        "invalid": {t: statistics.mean(r.invalid_filters[t] for r in last) for t in last[0].invalid_filters},
+        "invalid": invalid,
         "mean_alpha": statistics.mean(alphas) if alphas else None,
         "alpha_stray": statistics.mean(strays) if strays else None,
         "distance": distance,
@@ -188,6 +190,13 @@ def _write_report(plan: Plan, runs: list[Run], plan_path: str | None) -> Path:
     if pairs:  # e.g. graft against average: is entropy weighting better than plain averaging?
         lines += ["## Paired differences between the other arms", ""]
         lines += difference_table(pairs, per_arm, [m for m in METRICS if m[0] in ("final", "ensemble")])
+    counted = invalid_metrics(per_arm)
+    if counted:  # some run ended with invalid filters: the paper's premise is testable, so test it
+        lines += [f"## Invalid filters against `{plan.reference}` (last epoch, mean per network; paired over the "
+                  "same seeds, 95% t interval)", "",
+                  "A filter is invalid when the L1 norm of its weights is under the threshold. Below 0: the arm "
+                  f"ends with fewer invalid filters than `{plan.reference}`.", ""]
+        lines += difference_table([(a, plan.reference) for a in others], per_arm, counted)
     lines += ["## Per arm", "", "*mean alpha*: over networks, layers and grafts; *mean abs(alpha - 0.5)*: how far a "
               "layer's alpha strays from plain averaging; *distance*: how far apart the networks' final weights are "
               "(mean over layers of ||W_peer - W_self|| / ||W_self||, each network against its ring peer; near 0: "
@@ -257,6 +266,15 @@ def _write_report(plan: Plan, runs: list[Run], plan_path: str | None) -> Path:
         lines += [f"![{plan.name}]({png.name})", ""]
     md.write_text("\n".join(lines))
     return md
+
+
+def invalid_metrics(per_arm: dict) -> list[tuple[str, str]]:
+    """(key, name) of each invalid-filter threshold under which some finished run ended with an
+    invalid filter; none where every count is 0 (nothing to compare)."""
+    results = [r for runs in per_arm.values() for r in runs.values()]
+    thresholds = dict.fromkeys(t for r in results for t in r.get("invalid", {}))
+    return [(f"invalid<{t}", f"invalid filters, L1 < {t}") for t in thresholds
+            if any(r.get(f"invalid<{t}") for r in results)]
 
 
 def difference_table(pairs: list[tuple[str, str]], per_arm: dict, metrics) -> list[str]:
