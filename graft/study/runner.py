@@ -20,6 +20,8 @@ from .archive import archive, code_version, finished, read_state, write_distance
 from .plan import Plan, Run, command, load_plan, runs_of
 from .report import fmt_duration, write_report
 
+WALL_TIME_EVERY = 60.0  # seconds between saves of a run's wall time while it trains (study.json)
+
 
 def time_left(runs: list[Run], left: list[Run]) -> float | None:
     """Seconds the runs in ``left`` should take, each at the mean wall time of its arm's finished
@@ -44,7 +46,7 @@ def run_one(plan: Plan, run: Run, extra=()) -> tuple[int, list[str]]:
     state["attempts"].append({**code_version(plan.results), "machine": machine_name(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_state(run, state)
-    start = time.monotonic()
+    start, before, saved = time.monotonic(), state["wall_seconds"], time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(run.dir / "log.txt", "a") as logfile:
         proc = subprocess.Popen(command(plan, run, extra=extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -56,13 +58,16 @@ def run_one(plan: Plan, run: Run, extra=()) -> tuple[int, list[str]]:
                 print(f"  {line.rstrip()}")
                 if line.startswith("graft: error:"):
                     errors.append(line.strip())
+                if time.monotonic() - saved > WALL_TIME_EVERY:  # a runner killed outright keeps most of its time
+                    state["wall_seconds"], saved = before + time.monotonic() - start, time.monotonic()
+                    write_state(run, state)
             code = proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM: the training stops between steps, the checkpoint stays
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
             raise
         finally:
-            state["wall_seconds"] += time.monotonic() - start
+            state["wall_seconds"] = before + time.monotonic() - start
             state["finished"] = proc.poll() == 0 and (run.dir / "summary.json").exists()
             write_state(run, state)
     if state["finished"]:
