@@ -237,6 +237,8 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
             attempt.pop("machine")
             if machine:
                 attempt["machine"] = machine
+        if machine:  # and its runner was killed outright, before it saved any wall time
+            state["wall_seconds"] = 0.0
         write_json(path, state)
     subprocess.run([sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
                     "--results", str(results), "--report"], cwd=ROOT, env=env(), check=True, capture_output=True)
@@ -245,6 +247,7 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
     assert " | B |" in report and " | - |" in report
     assert "**Runs on different machines** in arm(s) graft: wall times compare only within a machine." in report
     assert "differ from their arm" not in report
+    assert report.count("| ≥ ") == 2 and "≥: an attempt of the run was killed" in report  # graft's row and the run's
     # Runs that were not what the plan now says (here: graft-study given epochs=4) are listed.
     subprocess.run([sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
                     "--results", str(results), "--report", "epochs=4"], cwd=ROOT, env=env(), check=True,

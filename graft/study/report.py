@@ -66,6 +66,7 @@ def _run_result(run: Run) -> dict:
     # separates grafting from plain averaging.
     strays = [abs(layer["alpha"] - 0.5) for r in records for layer in r.graft]
     epoch_seconds = sum(r.epoch_seconds for r in records)
+    trained = max(sum(r.epoch_seconds for r in records if r.network == k) for k in {r.network for r in records})
     weights = run.archive / "weights.json"
     distance = read_json(weights)["final_distance"] if weights.exists() else None
     curve = {}
@@ -82,7 +83,10 @@ def _run_result(run: Run) -> dict:
         "alpha_stray": statistics.mean(strays) if strays else None,
         "distance": distance,
         "overhead": sum(r.graft_seconds for r in records) / epoch_seconds if epoch_seconds else 0.0,
-        "wall_seconds": state["wall_seconds"],
+        # A runner killed outright (before graft-study saved wall time while runs trained) lost its
+        # attempt's time: the network's own epoch times are then the better (lower) bound.
+        "wall_seconds": max(state["wall_seconds"], trained),
+        "wall_at_least": trained > state["wall_seconds"],
         "versions": [(a["commit"], a["dirty"]) for a in state["attempts"]],
         "differs": differs_from_plan(run),
         "machines": [a.get("machine") for a in state["attempts"]],  # None: a runner that did not record it
@@ -218,7 +222,7 @@ def _write_report(plan: Plan, runs: list[Run], plan_path: str | None) -> Path:
         distance = _pm([r["distance"] for r in rs if r["distance"] is not None], digits=3)
         gain = _pm([r["ensemble"] - r["final"] for r in rs])
         overhead = f"{100 * statistics.mean(r['overhead'] for r in rs):.3f}"
-        wall = fmt_duration(statistics.mean(r["wall_seconds"] for r in rs))
+        wall = _at_least(rs) + fmt_duration(statistics.mean(r["wall_seconds"] for r in rs))
         lines.append(f"| {a} | {inv} | {alpha} | {stray} | {distance} | {gain} | {overhead} | {wall} |")
     lines += ["", "## Runs", "", "| run | epochs | final | best-val | ensemble final | wall time | code | machine |",
               "|---|---|---|---|---|---|---|---|"]
@@ -240,13 +244,16 @@ def _write_report(plan: Plan, runs: list[Run], plan_path: str | None) -> Path:
             machine = ", ".join(sorted({keys[m] for m in res["machines"] if m})) or "-"
             best = "-" if res["best_val"] is None else f"{res['best_val']:.2f}"
             lines.append(f"| {r.label} | {res['epochs']} | {res['final']:.2f} | {best} | {res['ensemble']:.2f} | "
-                         f"{fmt_duration(res['wall_seconds'])} | {code} | {machine} |")
+                         f"{_at_least([res])}{fmt_duration(res['wall_seconds'])} | {code} | {machine} |")
         commits[a] = {v[0] for v in versions}
         if len(commits[a]) > 1 or any(v[1] for v in versions):
             mixed.append(a)
         if len(machines) > 1:
             spread.append(a)
     lines.append("")
+    if any(res and res["wall_at_least"] for res in results.values()):
+        lines += ["≥: an attempt of the run was killed before graft-study saved its time; the figure is the sum of "
+                  "its epochs' own times, a lower bound.", ""]
     lines += _versions(commits, mixed)
     differ = [f"{label}: {'; '.join(res['differs'])}" for label, res in results.items() if res and res["differs"]]
     if differ:
@@ -266,6 +273,10 @@ def _write_report(plan: Plan, runs: list[Run], plan_path: str | None) -> Path:
         lines += [f"![{plan.name}]({png.name})", ""]
     md.write_text("\n".join(lines))
     return md
+
+
+def _at_least(results: list[dict]) -> str:
+    return "≥ " if any(r["wall_at_least"] for r in results) else ""
 
 
 def invalid_metrics(per_arm: dict) -> list[tuple[str, str]]:
