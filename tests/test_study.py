@@ -90,6 +90,26 @@ def test_invalid_filters_are_compared_where_some_run_has_them():
     assert invalid_metrics({"independent": {}}) == []
 
 
+def test_the_picture_gets_an_invalid_filter_panel_where_some_run_has_them(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from graft.study.report import _plot
+
+    def run(final, invalid):
+        return {"final": final, "ensemble": final + 1, "curve": [50.0, 60.0, final], "curve_split": "val",
+                "filters": 688, "invalid": {"0.1": invalid[-1]}, "invalid<0.1": invalid[-1],
+                "invalid_curve": {"0.1": invalid}}
+
+    plan = load_plan(PLAN)
+    widths = []
+    for counts in ([0.0, 0.0, 0.0], [0.0, 20.0, 60.0]):
+        per_arm = {"independent": {0: run(80.0, counts)}, "graft": {0: run(81.0, [0.0, 0.0, 0.0])}}
+        assert _plot(plan, per_arm, tmp_path / "p.png")
+        widths.append(Image.open(tmp_path / "p.png").size[0])
+    assert widths[1] == widths[0] * 3 // 2  # a third panel, as wide as each of the others
+
+
 def test_time_left_goes_by_the_arm(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     plan = load_plan(PLAN)

@@ -69,9 +69,11 @@ def _run_result(run: Run) -> dict:
     trained = max(sum(r.epoch_seconds for r in records if r.network == k) for k in {r.network for r in records})
     weights = run.archive / "weights.json"
     distance = read_json(weights)["final_distance"] if weights.exists() else None
-    curve = {}
+    curve, invalid_curve = {}, {}
     for r in records:
         curve.setdefault(r.epoch, []).append(r.acc)
+        for t, n in r.invalid_filters.items():
+            invalid_curve.setdefault(t, {}).setdefault(r.epoch, []).append(n)
     invalid = {t: statistics.mean(r.invalid_filters[t] for r in last) for t in last[0].invalid_filters}
     return {
         **accs,
@@ -92,6 +94,7 @@ def _run_result(run: Run) -> dict:
         "machines": [a.get("machine") for a in state["attempts"]],  # None: a runner that did not record it
         "curve_split": split,
         "curve": [statistics.mean(curve[e]) for e in sorted(curve)],
+        "invalid_curve": {t: [statistics.mean(by[e]) for e in sorted(by)] for t, by in invalid_curve.items()},
     }
 
 
@@ -333,7 +336,8 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
     except ImportError:  # the plot extra is optional
         return False
     arms = list(per_arm)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    counted = invalid_metrics(per_arm)  # a third panel where some run has invalid filters
+    fig, (left, right, *third) = plt.subplots(1, 2 + bool(counted), figsize=(12 + 6 * bool(counted), 4.5))
     for i, a in enumerate(arms):
         rs = list(per_arm[a].values())
         for j, (m, name) in enumerate((("final", "final"), ("ensemble", "ensemble final"))):
@@ -346,6 +350,8 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
             n = max(len(r["curve"]) for r in rs)
             curve = [statistics.mean(r["curve"][e] for r in rs if e < len(r["curve"])) for e in range(n)]
             right.plot(range(1, n + 1), curve, label=a, color=f"C{i}")
+            if counted:
+                _plot_invalid(third[0], a, rs, counted[0][0].removeprefix("invalid<"), f"C{i}")
     left.set_xticks(range(len(arms)), arms, rotation=20)
     left.set_ylabel("test accuracy (%)")
     left.set_title("per seed (dots) and mean (bars)")
@@ -362,8 +368,26 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
         right.set_ylim(min(lows) - 1, None)
         right.set_xlim(first - 0.5, None)
         right.set_title(f"learning curves from epoch {first}")
+    if counted:
+        third[0].set_xlabel("epoch")
+        third[0].set_ylabel("invalid filters per network, mean")
+        third[0].set_title(f"invalid filters (L1 < {counted[0][0].removeprefix('invalid<')}, of {_filters(per_arm)})")
+        third[0].legend(fontsize=8)
     fig.suptitle(f"study {plan.name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _plot_invalid(ax, arm: str, rs: list[dict], threshold: str, color: str) -> None:
+    """The arm's invalid-filter count by epoch, mean over its runs (each a mean over networks)."""
+    curves = [r["invalid_curve"].get(threshold, []) for r in rs]
+    n = max(map(len, curves), default=0)
+    if n:
+        ax.plot(range(1, n + 1), [statistics.mean(c[e] for c in curves if e < len(c)) for e in range(n)],
+                label=arm, color=color)
+
+
+def _filters(per_arm: dict) -> str:
+    return str(next((r["filters"] for rs in per_arm.values() for r in rs.values() if r["filters"]), "?"))
