@@ -232,8 +232,9 @@ def test_ctrl_c_while_a_worker_starts_is_quiet(launched):
     if launched:
         environ[REPORTED_BY_LAUNCHER] = "1"
     code = "import os, signal, graft; os.kill(os.getpid(), signal.SIGINT); import time; time.sleep(5)"
+    # SIGINT as a terminal leaves it: a suite started in the background (nohup ... &) passes it on ignored.
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if launched:
         assert (proc.returncode, proc.stderr) == (130, "")
     else:
