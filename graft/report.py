@@ -207,7 +207,11 @@ class RunLog:
             # stopped before logging them, or the resume grafted late (a run extended past its end).
             self.metrics.truncate(after_epoch=first_epoch - 1)
             self.metrics.replace([r for r in resumed if r])
-        self.tensorboard = TensorBoardLog(self.dir, purge_from=first_epoch)
+        # The resumed epoch's points are written again as well: a graft it owed changed its records.
+        rewrite = first_epoch > 0 and bool(resumed) and all(resumed)
+        self.tensorboard = TensorBoardLog(self.dir, purge_from=first_epoch - 1 if rewrite else first_epoch)
+        if rewrite:
+            self.tensorboard.write(resumed)
 
     def epoch(self, records: list[EpochRecord]) -> None:
         """One epoch's records, one per network."""

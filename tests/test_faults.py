@@ -213,6 +213,16 @@ def test_extending_a_finished_run_follows_the_longer_schedule(reference, tmp_pat
     late = [r for r in records(out) if r["epoch"] == 1]
     assert sorted(r["network"] for r in late) == [0, 1]
     assert all(r["peer"] == (r["network"] - 1) % 2 and 0 < r["mean_alpha"] < 1 and r["graft"] for r in late)
+    try:  # and in TensorBoard's (the extra is optional)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        EventAccumulator = None
+    if EventAccumulator is not None:
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        alphas = {e.step: e.value for e in events.Scalars("mean_alpha/net0")}
+        assert sorted(alphas) == [0, 1]  # epoch 3, the last, grafts nothing
+        assert alphas[1] == pytest.approx(next(r["mean_alpha"] for r in late if r["network"] == 0))
     # The third epoch's lr is the 3-epoch cosine's, as in a run planned for 3 epochs from the start.
     lr = {(r["epoch"], r["network"]): r["lr"] for r in records(reference)}
     assert {(r["epoch"], r["network"]): r["lr"] for r in records(out) if r["epoch"] == 2} == \
