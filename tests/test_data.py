@@ -236,6 +236,19 @@ def test_imagefolder_in_memory_resizes(tmp_path):
     assert train.images[2, 0].float().mean().item() == pytest.approx(100, abs=1)
 
 
+def test_an_undecodable_image_in_memory_is_named(tmp_path):
+    """The in-memory path (every image decoded up front): one DataError naming the image, the
+    folder it is in, and PIL's reason."""
+    for s in ("train", "test"):
+        for i, c in enumerate(["x", "y"]):
+            (tmp_path / s / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / s / c / "a.jpg")
+    bad = tmp_path / "train" / "y" / "a.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(DataError, match=rf"^data.root: cannot decode image 'train/y/a.jpg' in {tmp_path}: \S"):
+        load_arrays(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8))
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -230,6 +230,29 @@ def test_extending_a_finished_run_follows_the_longer_schedule(reference, tmp_pat
     assert_one_record_per_epoch(out)
 
 
+def test_the_final_test_refuses_a_best_pt_of_another_epoch(tmp_path):
+    """best.pt must hold the epoch the validation records call best: else the summary would
+    pair one epoch's figures with another's weights."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from graft import dist as gdist
+    from graft.errors import PeerFailed
+    from graft.train import final_test
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    checkpoint.save_best(tmp_path, 0, 3, 50.0, "val", {}, model.state_dict())  # epoch 4, counted from 1
+    cfg, t = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(model=model, autocast=contextlib.nullcontext)
+    loader = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1]))]
+    topo = gdist.Topology(rank=0, world=1)
+    with pytest.raises(PeerFailed, match=r"^network 0 \(rank 0\) cannot evaluate its best-validation weights: "
+                                         r".*best.pt: holds epoch 4, but the validation records say epoch 6 was best; "
+                                         r"the summary would describe other"):
+        final_test(cfg, topo, t, SimpleNamespace(best_epoch=5), loader)
+    result = final_test(cfg, topo, t, SimpleNamespace(best_epoch=3), loader)
+    assert result["networks"]["0"]["best_val_epoch"] == 3 and result["networks"]["0"]["best_val_acc"] == 50.0
+
+
 def test_epoch_files_pruning_best_set_aside_and_file_mode(tmp_path):
     for epoch in (5, 6):  # left by a run that later resumed after epoch 2
         checkpoint.save_epoch(tmp_path, 0, {}, {"epoch": epoch, "model": {}})
