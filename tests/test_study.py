@@ -317,6 +317,23 @@ def test_a_runs_wall_time_is_saved_while_it_trains(tmp_path, monkeypatch):
     assert saved[-1] >= 0.4
 
 
+def test_a_failed_run_stops_the_study_repeating_its_error_line(tmp_path, monkeypatch, capsys):
+    """The run's own process fails (not a mocked run_one): its 'graft: error:' line is repeated
+    under graft-study's, which names the run and its log."""
+    from graft import study
+    from graft.study import runner
+
+    monkeypatch.chdir(ROOT)
+    fail = "print('epoch 1/3'); print('graft: error: data.root: no such file: x.tar.gz'); raise SystemExit(1)"
+    monkeypatch.setattr(runner, "command", lambda plan, run, extra=(): [sys.executable, "-c", fail])
+    assert study.main([str(PLAN), "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]) == 1
+    log = tmp_path / "runs" / "tiny" / "independent" / "seed0" / "log.txt"
+    assert capsys.readouterr().err.splitlines() == [
+        f"graft-study: error: independent/seed0 failed (exit 1); see {log}. Fix the cause and run the same command "
+        "to resume.", "  graft: error: data.root: no such file: x.tar.gz"]
+    assert "epoch 1/3" in log.read_text()
+
+
 def test_a_damaged_archive_is_named(tmp_path, monkeypatch, capsys):
     from graft import study
 
