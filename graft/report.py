@@ -106,13 +106,15 @@ class TensorBoardLog:
             for key in self.KEYS:
                 if getattr(r, key) is not None:
                     self.writer.add_scalar(f"{key}/{net}", getattr(r, key), epoch)
-            self.writer.add_scalar(f"{r.split}_loss/{net}", r.loss, epoch)
-            self.writer.add_scalar(f"{r.split}_acc/{net}", r.acc, epoch)
+            for key, value in ((f"{r.split}_loss/{net}", r.loss), (f"{r.split}_acc/{net}", r.acc)):
+                if value is not None:
+                    self.writer.add_scalar(key, value, epoch)
             for thr, n in r.invalid_filters.items():
                 self.writer.add_scalar(f"invalid_filters_{thr}/{net}", n, epoch)
             for layer in r.graft:
                 self.writer.add_scalar(f"peer_distance/{net}/{layer['layer']}", layer["peer_distance"], epoch)
-        self.writer.add_scalar("ensemble_acc", records[0].ensemble_acc, records[0].epoch)
+        if records[0].ensemble_acc is not None:  # None in a record that was never evaluated
+            self.writer.add_scalar("ensemble_acc", records[0].ensemble_acc, records[0].epoch)
         self.writer.flush()
 
 
