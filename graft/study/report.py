@@ -361,10 +361,12 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
     right.set_ylabel(f"{'validation' if split == 'val' else 'test'} accuracy (%), mean")
     right.set_title("learning curves")
     right.legend(fontsize=8)
-    lows = [v for rs in per_arm.values() for r in rs.values() for v in r["curve"][len(r["curve"]) // 2:]]
-    if lows and not math.isnan(min(lows)):  # zoom on the second half, where the arms differ
-        # of the shortest run: a longer arm (twice the epochs) must not push the others out of view
-        first = min(len(r["curve"]) for rs in per_arm.values() for r in rs.values() if r["curve"]) // 2 + 1
+    # Zoom on the second half of the shortest run, where the arms differ (a longer arm, twice the
+    # epochs, must not push the others out of view), low enough for every point shown there.
+    lengths = [len(r["curve"]) for rs in per_arm.values() for r in rs.values() if r["curve"]]
+    first = min(lengths) // 2 + 1 if lengths else 1
+    lows = [v for rs in per_arm.values() for r in rs.values() for e, v in enumerate(r["curve"], 1) if e >= first]
+    if lows and not math.isnan(min(lows)):
         right.set_ylim(min(lows) - 1, None)
         right.set_xlim(first - 0.5, None)
         right.set_title(f"learning curves from epoch {first}")
