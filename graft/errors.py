@@ -17,7 +17,8 @@ class UserError(Exception):
 
     resumable = False   # True: the run stopped between steps and the same command resumes it
     names_rank = False  # the message already says which rank (cli adds it otherwise)
-    everywhere = False  # raised alike on every rank (from what they all gathered): rank 0 says it
+    everywhere = False  # rank 0 says it: raised alike on every rank (from what they all gathered), or
+    #                     a consequence on a rank whose cause rank 0 raises (a replica whose leader refused)
 
 
 class ConfigError(UserError, ValueError):
