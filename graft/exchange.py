@@ -247,7 +247,7 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
         message = f"NaN or Inf weights in {bad}; nobody grafts, the weights stay as they were"
     for column, what in ((1, "a model with other keys, shapes or dtypes than network 0's"),
                          (2, "other layers to graft than network 0 (another plan: a model with other module types?)"),
-                         (4, "another exchange than network 0 (grafting.exchange)")):
+                         (4, "another exchange than network 0")):
         other = [int(i) for i in (heads[:, column] != heads[0, column]).nonzero().flatten()]
         if other and message is None:
             message = f"{_networks(other)} {'hold' if len(other) > 1 else 'holds'} {what}"
@@ -255,6 +255,10 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
                 layouts = all_gather_objects(topo, shapes)                       # leaders
                 message += f" ({layout_difference(layouts[0], layouts[other[0]], other[0])}); grafting needs one " \
                            "architecture"
+            elif column == 4:
+                modes = all_gather_objects(topo, transport)                      # leaders
+                message += (f" (grafting.exchange: {modes[0]!r} in network 0, {modes[other[0]]!r} in network "
+                            f"{other[0]})")
     if message is None and bool((heads[:, 3] != heads[0, 3]).any()):
         settings = all_gather_objects(topo, spec.settings())                     # leaders
         for k, theirs in enumerate(settings[1:], start=1):

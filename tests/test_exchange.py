@@ -92,6 +92,14 @@ def test_networks_with_other_settings_are_refused_naming_the_setting(tmp_path, d
     assert " in network 0, " in errors[0] and "every network must graft with the same settings" in errors[0]
 
 
+def test_networks_with_another_exchange_are_refused_naming_both(tmp_path):
+    proc = torchrun(2, WORKER, tmp_path, 1, "auto", "differ=exchange:all_gather")
+    assert proc.returncode != 0
+    errors = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["error"] for r in range(2)]
+    assert errors[0] == errors[1] == ("epoch 0: network 1 holds another exchange than network 0 (grafting.exchange: "
+                                      "'ring' in network 0, 'all_gather' in network 1)"), errors
+
+
 def test_nan_in_one_network_stops_every_network_unpoisoned(tmp_path):
     proc = torchrun(3, WORKER, tmp_path, 1, "auto", "nan")
     assert proc.returncode != 0

@@ -42,7 +42,10 @@ def main():
     differ = settings.pop("differ", None)
     if differ and topo.network == 1:  # network 1 grafts with another setting (differ=1: another A)
         key, value = ("A", "0.3") if differ == "1" else differ.split(":", 1)
-        settings[key] = value
+        if key == "exchange":  # not a GraftSpec setting: the transport
+            mode = value
+        else:
+            settings[key] = value
     spec = GraftSpec.make(**{k: yaml.safe_load(v) for k, v in settings.items()})
     torch.manual_seed(100 + topo.network)  # replicas of a network share the seed
     model = tiny_model()
