@@ -245,21 +245,18 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
         bad = ", ".join(f"network {k}" + (f" (layer {layer!r})" if layer is not None else "")
                         for k, layer in enumerate(layers) if heads[k, 0])
         message = f"NaN or Inf weights in {bad}; nobody grafts, the weights stay as they were"
-    for column, what in ((1, "a model with other keys, shapes or dtypes than network 0's"),
-                         (2, "other layers to graft than network 0 (another plan: a model with other module types?)"),
-                         (4, "another exchange than network 0")):
-        other = [int(i) for i in (heads[:, column] != heads[0, column]).nonzero().flatten()]
-        if other and message is None:
-            message = f"{_networks(other)} {'hold' if len(other) > 1 else 'holds'} {what}"
-            if column == 1:
-                layouts = all_gather_objects(topo, shapes)                       # leaders
-                message += f" ({layout_difference(layouts[0], layouts[other[0]], other[0])}); grafting needs one " \
-                           "architecture"
-            elif column == 4:
-                modes = all_gather_objects(topo, transport)                      # leaders
-                message += (f" (grafting.exchange: {modes[0]!r} in network 0, {modes[other[0]]!r} in network "
-                            f"{other[0]})")
-    if message is None and bool((heads[:, 3] != heads[0, 3]).any()):
+    elif other := _differing(heads, 1):
+        layouts = all_gather_objects(topo, shapes)                               # leaders
+        message = (f"{_hold(other)} a model with other keys, shapes or dtypes than network 0's "
+                   f"({layout_difference(layouts[0], layouts[other[0]], other[0])}); grafting needs one architecture")
+    elif other := _differing(heads, 2):
+        message = (f"{_hold(other)} other layers to graft than network 0 (another plan: a model with other module "
+                   "types?)")
+    elif other := _differing(heads, 4):
+        modes = all_gather_objects(topo, transport)                              # leaders
+        message = (f"{_hold(other)} another exchange than network 0 (grafting.exchange: {modes[0]!r} in network 0, "
+                   f"{modes[other[0]]!r} in network {other[0]})")
+    elif _differing(heads, 3):
         settings = all_gather_objects(topo, spec.settings())                     # leaders
         for k, theirs in enumerate(settings[1:], start=1):
             diff = rules.differences(settings[0], theirs, "in network 0", f"in network {k}")
@@ -287,8 +284,13 @@ def layout_difference(first: list[tuple], other: list[tuple], k: int) -> str:
     return f"{longer[min(len(first), len(other))][0]!r} only in {where}"
 
 
-def _networks(ks: list[int]) -> str:
-    return f"network {ks[0]}" if len(ks) == 1 else "networks " + ", ".join(map(str, ks))
+def _differing(heads: Tensor, column: int) -> list[int]:
+    """The networks whose head differs from network 0's in ``column``."""
+    return [int(i) for i in (heads[:, column] != heads[0, column]).nonzero().flatten()]
+
+
+def _hold(ks: list[int]) -> str:
+    return f"network {ks[0]} holds" if len(ks) == 1 else "networks " + ", ".join(map(str, ks)) + " hold"
 
 
 def _leader_refused(topo: Topology, refused: bool, when: str) -> GraftError | None:

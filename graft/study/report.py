@@ -337,6 +337,7 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
         return False
     arms = list(per_arm)
     counted = invalid_metrics(per_arm)  # a third panel where some run has invalid filters
+    threshold = counted[0][0].removeprefix("invalid<") if counted else None
     fig, (left, right, *third) = plt.subplots(1, 2 + bool(counted), figsize=(12 + 6 * bool(counted), 4.5))
     for i, a in enumerate(arms):
         rs = list(per_arm[a].values())
@@ -351,7 +352,7 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
             curve = [statistics.mean(r["curve"][e] for r in rs if e < len(r["curve"])) for e in range(n)]
             right.plot(range(1, n + 1), curve, label=a, color=f"C{i}")
             if counted:
-                _plot_invalid(third[0], a, rs, counted[0][0].removeprefix("invalid<"), f"C{i}")
+                _plot_invalid(third[0], a, rs, threshold, f"C{i}")
     left.set_xticks(range(len(arms)), arms, rotation=20)
     left.set_ylabel("test accuracy (%)")
     left.set_title("per seed (dots) and mean (bars)")
@@ -373,7 +374,7 @@ def _plot(plan: Plan, per_arm: dict, path: Path) -> bool:
     if counted:
         third[0].set_xlabel("epoch")
         third[0].set_ylabel("invalid filters per network, mean")
-        third[0].set_title(f"invalid filters (L1 < {counted[0][0].removeprefix('invalid<')}, of {_filters(per_arm)})")
+        third[0].set_title(f"invalid filters (L1 < {threshold}, of {_filters(per_arm)})")
         third[0].legend(fontsize=8)
     fig.suptitle(f"study {plan.name}")
     fig.tight_layout()

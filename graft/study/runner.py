@@ -46,7 +46,8 @@ def run_one(plan: Plan, run: Run, extra=()) -> tuple[int, list[str]]:
     state["attempts"].append({**code_version(plan.results), "machine": machine_name(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_state(run, state)
-    start, before, saved = time.monotonic(), state["wall_seconds"], time.monotonic()
+    before, start = state["wall_seconds"], time.monotonic()
+    saved = start
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(run.dir / "log.txt", "a") as logfile:
         proc = subprocess.Popen(command(plan, run, extra=extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
