@@ -92,9 +92,7 @@ def atomic_save(obj, path: str | Path, what: str = "checkpoint") -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         before = "the previous one is intact" if path.exists() else "nothing was written"
-        error = CheckpointError(f"{path}: cannot write the {what} ({disk_problem(e)}); {before}")
-        error.os_error = e  # the caller's advice depends on it (graft.cli.saving_checkpoints)
-        raise error from None
+        raise CheckpointError(f"{path}: cannot write the {what} ({disk_problem(e)}); {before}", os_error=e) from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -119,10 +117,8 @@ def save_epoch(run_dir: str | Path, network: int, setup: dict, state: dict, keep
             d.mkdir(parents=True, exist_ok=True)
             (d / NUMBERING).write_text("epoch files count epochs from 1, as the log does\n")
         except OSError as e:
-            error = CheckpointError(f"{d / NUMBERING}: cannot write ({disk_problem(e)}); no checkpoint was written "
-                                    "this epoch")
-            error.os_error = e
-            raise error from None
+            raise CheckpointError(f"{d / NUMBERING}: cannot write ({disk_problem(e)}); no checkpoint was written "
+                                  "this epoch", os_error=e) from None
     path = epoch_path(run_dir, network, epoch)
     atomic_save({"format": FORMAT, "network": network, "setup": setup, **state}, path)
     older = [p for e, p in epoch_files(run_dir, network) if e < epoch]

@@ -66,10 +66,9 @@ def saving_checkpoints(run_dir: str | Path, network: int, resume: str = "auto"):
     try:
         yield
     except CheckpointError as e:
-        cause = getattr(e, "os_error", None)
-        if cause is None:
+        if e.os_error is None:
             raise
-        raise CheckpointError(f"{e}; {output_advice(cause, 'output_dir', run_dir, resume, network)}") from None
+        raise CheckpointError(f"{e}; {output_advice(e.os_error, 'output_dir', run_dir, resume, network)}") from None
 
 
 def stop_message(signum: int, output_dir: str | None, resume: str = "auto") -> str:

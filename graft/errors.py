@@ -32,7 +32,13 @@ class DataError(UserError, ValueError):
 
 
 class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used or written: the message names the file and why."""
+    """A checkpoint that cannot be used or written: the message names the file and why. A failed
+    write carries its ``os_error``: the advice that ends the line depends on it
+    (``graft.cli.saving_checkpoints``)."""
+
+    def __init__(self, message: str, os_error: OSError | None = None):
+        super().__init__(message)
+        self.os_error = os_error
 
 
 class OutputError(UserError):

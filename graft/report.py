@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def writing(path: Path, what: str, setting: str = "output_dir", run_dir: Path | 
 
 class TensorBoardLog:
     """Scalars per network per epoch, when tensorboard is installed (rank 0 only). Optional: a
-    disk it cannot write turns it off with a warning (metrics.jsonl holds every value)."""
+    disk it cannot write turns it off with a warning (metrics.jsonl holds every value), at the
+    start or whenever the disk fills later."""
 
     KEYS = ("lr", "train_loss", "train_acc", "mean_alpha", "mean_peer_distance", "images_per_sec", "epoch_seconds",
             "graft_seconds")
@@ -84,6 +86,7 @@ class TensorBoardLog:
                 probe.write(b"\0" * 65536)
                 probe.flush()
                 os.fsync(probe.fileno())
+            _quiet_writer_threads()
             self.writer = SummaryWriter(str(folder), purge_step=purge_from)
         except OSError as e:
             self.off(folder, e)
@@ -116,6 +119,24 @@ class TensorBoardLog:
         if records[0].ensemble_acc is not None:  # None in a record that was never evaluated
             self.writer.add_scalar("ensemble_acc", records[0].ensemble_acc, records[0].epoch)
         self.writer.flush()
+
+
+def _quiet_writer_threads() -> None:
+    """A disk that fills during the run kills TensorBoard's writer thread, and Python prints the
+    thread's traceback. The same error is raised again in the next ``add_scalar`` or ``flush``,
+    where ``TensorBoardLog.write`` turns TensorBoard off with one warning: that thread's failed
+    write is silenced, nothing else."""
+    previous = threading.excepthook
+    if getattr(previous, "graft_quiet", False):
+        return
+
+    def hook(args):
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook.graft_quiet = True
+    threading.excepthook = hook
 
 
 class MetricsLog:

@@ -534,6 +534,28 @@ def test_tensorboard_on_a_full_disk_is_turned_off_with_a_warning(tmp_path, caplo
         assert "TensorBoard off (disk full); metrics.jsonl holds every value" in caplog.text
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # pytest's catch of it
+def test_tensorboard_on_a_disk_that_fills_later_is_turned_off_with_one_warning(tmp_path, caplog, capfd):
+    """The writer writes from its own thread, which dies on the full disk: its traceback is not
+    shown, and the next write turns TensorBoard off."""
+    pytest.importorskip("torch.utils.tensorboard")
+    from graft.records import EpochRecord
+    from graft.report import TensorBoardLog
+
+    with small_disk(tmp_path / "disk", size="1m") as disk:
+        log = TensorBoardLog(disk / "run")
+        log.write([EpochRecord(0, 0, lr=0.1, acc=50.0)])
+        assert log.writer is not None
+        fill(disk)
+        with caplog.at_level("WARNING", logger="graft"):
+            for epoch in range(1, 50):
+                log.write([EpochRecord(epoch, 0, lr=0.1, acc=50.0, invalid_filters={"0.1": 3})])
+        assert log.writer is None
+        assert caplog.text.count("TensorBoard off (disk full); metrics.jsonl holds every value") == 1
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "Exception in thread" not in err, err
+
+
 def test_a_finished_baseline_reruns_as_finished_and_one_network_resumes(tmp_path):
     """A baseline never grafts: its checkpoints must not say its last epoch was grafted (a
     regression made rerunning a finished one-network run fail with 'would end on grafted
