@@ -349,6 +349,17 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def _leaves(parts: list[str], value) -> typing.Iterator[tuple[list[str], object]]:
+    """A mapping given for a section sets the keys it names, as dotted overrides would
+    (``grafting={A: 0.2, c: 100}`` is ``grafting.A=0.2 grafting.c=100``): the section's other
+    keys keep what the file says."""
+    if isinstance(value, dict) and value:
+        for key, inner in value.items():
+            yield from _leaves([*parts, str(key)], inner)
+    else:
+        yield parts, value
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
     values: dict = {}
@@ -379,8 +390,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     section = values.get("grafting")
     explicit = {f"grafting.{k}" for k in section} if isinstance(section, dict) else set()
     overridden = set()
-    for text in overrides:
-        parts, value = parse_override(text)
+    for parts, value in (leaf for text in overrides for leaf in _leaves(*parse_override(text))):
         if parts[:1] == ["grafting"] and len(parts) == 2 and parts[1] in LEGACY:
             criterion = _legacy_criterion(cfg.grafting.criterion, parts[1], value, "command line")
             if criterion == cfg.grafting.criterion:  # level=layer, compat=default: nothing to change
@@ -391,8 +401,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
                 name = ".".join(parts[:i + 1])
-                raise ConfigError(f"command line: unknown key '{text.partition('=')[0]}' "
-                                  f"('{name}' is not a section)")
+                raise ConfigError(f"command line: unknown key '{'.'.join(parts)}' ('{name}' is not a section)")
             node = node[part]
         if parts[-1] not in node:
             build(_section_class(parts[:-1]), {parts[-1]: value}, "command line",

@@ -26,6 +26,19 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert load_config(None, ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
 
 
+def test_a_mapping_for_a_section_sets_only_the_keys_it_names(tmp_path):
+    """``grafting={A: 0.2}`` once replaced the whole section: the file's c and criterion went
+    back to their defaults without a word, and a rule could not see the keys it contradicted."""
+    path = write(tmp_path, "grafting:\n  A: 0.3\n  c: 100\n  criterion: l1\noptim:\n  lr: 0.01\n")
+    cfg = load_config(path, ["grafting={A: 0.2}", "optim={momentum: 0.8}"])
+    assert (cfg.grafting.A, cfg.grafting.c, cfg.grafting.criterion) == (0.2, 100.0, "l1")
+    assert (cfg.optim.lr, cfg.optim.momentum) == (0.01, 0.8)
+    with pytest.raises(ConfigError, match=r"grafting.alpha: grafting.rule=papa sets it to 0.99; got 0.5"):
+        load_config(None, ["grafting={rule: papa, alpha: 0.5}"])
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'optim.lr.a' \('optim.lr' is not a section\)"):
+        load_config(None, ["optim.lr={a: 1}"])
+
+
 @pytest.mark.parametrize("text,message", [
     ("epochs: -1\n", r"c.yaml: epochs: must be >= 1; got -1"),
     ("grafting:\n  A: 1.5\n", r"grafting.A: must be in \[0, 1\]; got 1.5"),
