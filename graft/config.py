@@ -331,6 +331,9 @@ def validate(cfg: Config, source: str = "config", overridden: typing.Collection[
         fail("optim.nesterov", "needs optim.momentum > 0")
     if cfg.distill.mutual and cfg.data_parallel != 1:
         fail("distill.mutual", "needs data_parallel=1 (every network must see the same batches)")
+    if not cfg.data.in_memory and cfg.data.name != "imagefolder":
+        fail("data.in_memory", f"false reads image files through DataLoader workers: it needs data.name=imagefolder, "
+                               f"not {cfg.data.name!r} (which is always held in memory)")
     if cfg.data.eval_split == "val" and cfg.data.val_fraction <= 0:
         fail("data.eval_split", "'val' needs data.val_fraction > 0")
     return cfg

@@ -61,6 +61,8 @@ def test_a_mapping_for_a_section_sets_only_the_keys_it_names(tmp_path):
     ("epochs: 3\noptim:\n  lr: 0.1\nepochs: 4\n",
      r"c.yaml: not valid YAML \(line 4, column 1\): key 'epochs' given twice"),
     ("model: resnet33\n", r"c.yaml: model: unknown model 'resnet33' \(did you mean 'resnet32'\?\)"),
+    # it failed on every rank after the process groups were up, naming an internal function
+    ("data:\n  name: tar\n  in_memory: false\n", r"c.yaml: data.in_memory: false .* needs data.name=imagefolder"),
 ])
 def test_bad_files_name_the_key_and_file(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
