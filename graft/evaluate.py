@@ -24,18 +24,25 @@ from .engine import evaluate, make_autocast
 from .models import build_model
 
 
-def run_dir_of(path: Path) -> Path:
-    """run/checkpoints/net0/best.pt -> run."""
-    return path.resolve().parents[2]
+def config_of(path: Path) -> Path:
+    """run/checkpoints/net0/best.pt -> run/config.yaml, which must exist."""
+    parents = path.resolve().parents
+    if len(parents) < 3:
+        raise ConfigError(f"{path}: not inside a run's checkpoints/netK/ folder: give --config (the run's "
+                          "config.yaml)")
+    config_file = parents[2] / "config.yaml"
+    if not config_file.exists():
+        raise ConfigError(f"{config_file}: not found; graft-eval reads the run's config.yaml beside its checkpoints/ "
+                          "folder (or give --config)")
+    return config_file
 
 
-def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), device: str = "auto") -> dict:
+def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), device: str = "auto",
+                        config: str | Path | None = None) -> dict:
+    """Evaluate ``path`` with the config of its run (or ``config``), changed by ``overrides``."""
     path = Path(path)
     state = checkpoint.load(path)  # raises CheckpointError naming the file
-    config_file = run_dir_of(path) / "config.yaml"
-    if not config_file.exists():
-        raise ConfigError(f"{config_file}: not found; graft-eval reads the run's config.yaml beside its "
-                          "checkpoints/ folder")
+    config_file = Path(config) if config is not None else config_of(path)
     cfg = load_config(config_file, overrides)
     if split == "val":
         if cfg.data.val_fraction <= 0:
@@ -51,6 +58,9 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
         raise ConfigError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU here (--device cpu, or auto)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     loaders = build_loaders(dataclasses.replace(cfg.data, workers=0), 1, cfg.eval_batch_size, seed=0,
                             device=dev, channels_last=cfg.channels_last, train=False)
     loader = loaders.eval if split == "val" else loaders.test
@@ -72,12 +82,13 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="a graft checkpoint: RUN/checkpoints/netK/best.pt or epochNNNN.pt")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="split to evaluate (default: test)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--config", help="the run's config (default: config.yaml beside the checkpoints/ folder)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     args = parser.parse_intermixed_args(argv)
     log.setup(0, 1)  # the data's decode line
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device)
+        result = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device, args.config)
     except (ConfigError, DataError, checkpoint.CheckpointError, OSError) as e:
         print(f"graft-eval: error: {e}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,15 @@ def test_folder_data_through_dataloader_workers(tmp_path):
             evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0001.pt", "test", device="cuda")
     with pytest.raises(ConfigError, match=r"--device tpu: expected auto, cpu, cuda or cuda:N"):
         evaluate_checkpoint(out / "checkpoints" / "net0" / "epoch0001.pt", "test", device="tpu")
+    # A checkpoint copied out of its run: --config names the run's config.
+    import shutil
+
+    copy = tmp_path / "copies" / "of" / "run" / "weights.pt"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(out / "checkpoints" / "net0" / "epoch0001.pt", copy)
+    with pytest.raises(ConfigError, match=rf"{tmp_path}/copies/config.yaml: not found; .* \(or give --config\)"):
+        evaluate_checkpoint(copy, "test")
+    assert evaluate_checkpoint(copy, "test", config=out / "config.yaml")["test_acc"] == rec["test_acc"]
     from graft.checkpoint import CheckpointError
 
     for payload, message in (({"format": "graft-checkpoint/2"}, "a graft checkpoint without model weights"),
@@ -208,6 +218,22 @@ def test_graft_eval_errors_name_the_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "graft.evaluate", str(missing)], capture_output=True, text=True,
                           env=env(), cwd=ROOT)
     assert proc.returncode == 1 and proc.stderr.startswith(f"graft-eval: error: {missing}: unreadable checkpoint")
+
+
+def test_graft_eval_refuses_a_device_this_machine_lacks_and_a_path_outside_a_run(tmp_path, monkeypatch):
+    from graft.config import Config, save_config
+    from graft.evaluate import config_of, evaluate_checkpoint
+
+    weights = tmp_path / "run" / "checkpoints" / "net0" / "best.pt"
+    weights.parent.mkdir(parents=True)
+    torch.save({"format": "graft-checkpoint/2", "model": {}}, weights)
+    save_config(Config(), tmp_path / "run" / "config.yaml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"--device cuda:9: this machine has 1 CUDA GPU\(s\), cuda:0 to cuda:0"):
+        evaluate_checkpoint(weights, device="cuda:9")
+    with pytest.raises(ConfigError, match=r"^/best.pt: not inside a run's checkpoints/netK/ folder: give --config"):
+        config_of(Path("/best.pt"))
 
 
 def test_a_stop_says_how_to_resume(tmp_path):
