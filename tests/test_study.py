@@ -300,21 +300,22 @@ def test_a_run_that_exits_0_without_a_summary_fails_the_study(tmp_path, monkeypa
 
 def test_a_runs_wall_time_is_saved_while_it_trains(tmp_path, monkeypatch):
     """A runner killed outright (a session's end) had no finally: the wall time saved while the
-    run trained is what the report counts."""
+    run trained is what the report counts. It is saved on a clock, not when the run prints (a
+    study's runs print once an epoch)."""
     from graft.study import runner
 
     plan = load_plan(PLAN)
     plan.results, plan.root = str(tmp_path / "results"), str(tmp_path / "runs")
     run = runs_of(plan)[0]
     run.dir.mkdir(parents=True)
-    talk = "import time\nfor i in range(3):\n    print(i, flush=True); time.sleep(0.2)\n"
-    monkeypatch.setattr(runner, "command", lambda plan, run, extra=(): [sys.executable, "-c", talk])
+    silent = "import time; time.sleep(0.6)"
+    monkeypatch.setattr(runner, "command", lambda plan, run, extra=(): [sys.executable, "-c", silent])
     monkeypatch.setattr(runner, "WALL_TIME_EVERY", 0.1)
     saved = []
     monkeypatch.setattr(runner, "write_state", lambda run, state: saved.append(state["wall_seconds"]))
     assert runner.run_one(plan, run) == (0, [])
     assert saved[0] == 0.0 and 0 < saved[1] < saved[-1] and len(saved) >= 3  # during the run, then at its end
-    assert saved[-1] >= 0.4
+    assert saved[-1] >= 0.6
 
 
 def test_a_failed_run_stops_the_study_repeating_its_error_line(tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from ..engine import machine_name
@@ -47,11 +48,22 @@ def run_one(plan: Plan, run: Run, extra=()) -> tuple[int, list[str]]:
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_state(run, state)
     before, start = state["wall_seconds"], time.monotonic()
-    saved = start
+    ended = threading.Event()
+
+    def keep_time():  # a runner killed outright (a session's end) keeps all but the last minute
+        while not ended.wait(WALL_TIME_EVERY):
+            state["wall_seconds"] = before + time.monotonic() - start
+            try:
+                write_state(run, state)
+            except OSError:  # the write at the end says it, with its advice
+                pass
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(run.dir / "log.txt", "a") as logfile:
         proc = subprocess.Popen(command(plan, run, extra=extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=env, start_new_session=True)
+        clock = threading.Thread(target=keep_time, daemon=True)
+        clock.start()
         try:
             for line in proc.stdout:
                 logfile.write(line)
@@ -59,15 +71,14 @@ def run_one(plan: Plan, run: Run, extra=()) -> tuple[int, list[str]]:
                 print(f"  {line.rstrip()}")
                 if line.startswith("graft: error:"):
                     errors.append(line.strip())
-                if time.monotonic() - saved > WALL_TIME_EVERY:  # a runner killed outright keeps most of its time
-                    state["wall_seconds"], saved = before + time.monotonic() - start, time.monotonic()
-                    write_state(run, state)
             code = proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM: the training stops between steps, the checkpoint stays
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
             raise
         finally:
+            ended.set()
+            clock.join()
             state["wall_seconds"] = before + time.monotonic() - start
             state["finished"] = proc.poll() == 0 and (run.dir / "summary.json").exists()
             write_state(run, state)
