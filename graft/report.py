@@ -72,10 +72,10 @@ class TensorBoardLog:
             "graft_seconds")
 
     def __init__(self, run_dir: str | Path, purge_from: int = 0):
+        self.writer = None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
-            self.writer = None
             return
         # Drop the points from purge_from on, which this run writes (again, after a resume or
         # when starting over), as metrics.jsonl does.
@@ -93,7 +93,14 @@ class TensorBoardLog:
 
     def off(self, folder, error: OSError) -> None:
         logger.warning(f"{folder}: TensorBoard off ({disk_problem(error)}); metrics.jsonl holds every value")
-        self.writer = None
+        self.close()
+
+    def close(self) -> None:
+        """Stop the writer's thread and close its file (a writer that failed raises its error again)."""
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            with contextlib.suppress(OSError):
+                writer.close()
 
     def write(self, records: list[EpochRecord]) -> None:
         if self.writer is None:
@@ -244,6 +251,7 @@ class RunLog:
 
     def finish(self, test: dict | None) -> dict | None:
         """summary.json from every epoch's records (None when there are none)."""
+        self.tensorboard.close()
         records = self.metrics.latest()
         if not records:
             return None

@@ -58,6 +58,21 @@ def test_resumed_checkpoint_records_win_over_the_logged_ones(tmp_path):
         (0, 0, None), (0, 1, None), (1, 0, None), (1, 1, None)]
 
 
+def test_the_end_of_a_run_closes_tensorboard(tmp_path):
+    """Its writer's thread and file stay open until closed (a process that trains twice, a test
+    suite, a notebook)."""
+    pytest.importorskip("torch.utils.tensorboard")
+    out = RunLog(Config(output_dir=str(tmp_path), epochs=1), first_epoch=0, resumed=[])
+    invalid = {str(float(t)): 0 for t in Config().invalid_thresholds}
+    out.epoch([record(k, 0, 50.0, 60.0, lr=0.1, train_loss=1.0, train_acc=50.0, filters=8, invalid_filters=invalid)
+               for k in (0, 1)])
+    writer = out.tensorboard.writer
+    assert writer is not None and writer.all_writers
+    assert out.finish(None)["networks"]
+    assert out.tensorboard.writer is None and writer.all_writers is None  # SummaryWriter.close() empties it
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_a_record_keeps_the_on_disk_keys_of_its_split():
     """metrics.jsonl keeps the keys of every version: the evaluated split's accuracy under
     val_acc or test_acc; a line of an older version reads back with its split."""
