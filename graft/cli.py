@@ -1,5 +1,6 @@
 """What graft's commands share at their edges: the one error line, the advice after a stop,
-and signals. graft-train, graft-run, graft-eval and graft-study word these here and nowhere else.
+and signals. graft-train, graft-run (and its script workers), graft-eval and graft-study word
+these here and nowhere else.
 
 The advice is true to the case: "rerun the same command to resume" only where a rerun can help
 (a stop by signal, a peer that went away) and names the checkpoint only where one exists; a
@@ -120,17 +121,27 @@ def report_error(e: BaseException, rank: int, network: int | None = None, distri
     gives each worker, where its failure summary and graft-run find it; under graft-run only there
     (graft-run prints each distinct line once, after the workers stopped)."""
     line = error_line(e, rank, network, distributed)
-    recorded = False
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        try:
-            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
-            recorded = True
-        except OSError:
-            pass
-    if (recorded and os.environ.get(REPORTED_BY_LAUNCHER) == "1") or not says_it(e, rank):
+    if (record_error(line) and os.environ.get(REPORTED_BY_LAUNCHER) == "1") or not says_it(e, rank):
         return
     print(line, file=sys.stderr, flush=True)
+
+
+def say_error(message: str, prog: str = "graft") -> None:
+    """``<prog>: error: <message>`` on stderr: the one line a command ends with."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+
+
+def record_error(line: str) -> bool:
+    """Write a worker's error line into the error file torchrun gives it (TORCHELASTIC_ERROR_FILE),
+    where torchrun's failure summary and graft-run read it. Whether it was written."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return False
+    try:
+        Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+        return True
+    except OSError:
+        return False
 
 
 def is_user_error(e: BaseException) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .exchange import EXCHANGES
 from .rules import PRESETS, GraftSpec, SpecError
 
 SPEC = GraftSpec()  # the grafting keys' defaults
@@ -131,7 +132,7 @@ def setup_differences(recorded: dict, current: dict) -> list[tuple[str, object, 
     written before a setting existed still matches; grafting.level and grafting.compat of older
     versions count as the criterion they meant), and a recorded ``num_classes`` of 0 ("from
     the data") matches any."""
-    recorded = _upgrade_setup(recorded)
+    recorded = upgrade_setup(recorded)
     return [(k, recorded[k], v) for k, v in current.items()
             if k in recorded and recorded[k] != v and not (k == "num_classes" and recorded[k] == 0)]
 
@@ -174,7 +175,7 @@ def _upgrade_grafting(section: dict, where: str) -> dict:
     return section
 
 
-def _upgrade_setup(setup: dict) -> dict:
+def upgrade_setup(setup: dict) -> dict:
     """A checkpoint's or archive's flat setup with grafting.level and grafting.compat as the
     grafting.criterion they meant."""
     if not any(f"grafting.{k}" in setup for k in LEGACY):
@@ -186,6 +187,15 @@ def _upgrade_setup(setup: dict) -> dict:
         return setup
     upgraded = {k: v for k, v in setup.items() if k not in {f"grafting.{k}" for k in LEGACY}}
     return {**upgraded, "grafting.criterion": section.get("criterion", SPEC.criterion)}
+
+
+def upgrade_grafting(section: dict) -> dict:
+    """A saved run's grafting section (its config.yaml) as this version reads it: the older keys
+    level and compat as the criterion they meant (one that contradicts itself stays as it is)."""
+    try:
+        return _upgrade_grafting(section, "config.yaml")
+    except ConfigError:
+        return section
 
 
 def _apply_rule(cfg: Config, in_file: set[str], source: str, overridden: set[str]) -> Config:
@@ -223,11 +233,11 @@ CHOICES = {
     "data.name": ("cifar10", "cifar100", "imagefolder", "tar", "synthetic"),
     "data.eval_split": ("test", "val"),
     "optim.schedule": ("step", "cosine", "constant"),
-    "grafting.exchange": ("auto", "all_gather", "ring"),
+    "grafting.exchange": EXCHANGES,
     **{f"grafting.{key}": choices for key, choices in GraftSpec.CHOICES.items()},
 }
 
-# key -> (low, high, inclusive-low); None = unbounded
+# key -> (low, high), both inclusive; None = unbounded
 RANGES = {
     "epochs": (1, None), "batch_size": (1, None), "eval_batch_size": (1, None), "seed": (0, None),
     "num_classes": (0, None), "data_parallel": (1, None), "timeout": (1e-3, None),

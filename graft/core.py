@@ -40,7 +40,6 @@ __all__ = [
     "blend_reference",
     "filter_offsets",
     "check_compatible",
-    "check_finite",
     "first_non_finite",
     "first_non_finite_given",
     "count_invalid_filters",
@@ -392,15 +391,6 @@ def first_non_finite(state: Mapping[str, Tensor]) -> str | None:
         return None
     finite = torch.stack([state[k].isfinite().all() for k in keys]).tolist()
     return next((k for k, ok in zip(keys, finite) if not ok), None)
-
-
-def check_finite(state: Mapping[str, Tensor], name: str = "state", plan: GraftPlan | None = None,
-                 entropies: Tensor | None = None) -> None:
-    """Raise ValueError naming the first layer holding NaN or Inf (``plan`` and the layers'
-    ``entropies``, when known, spare the layers a second pass: ``first_non_finite_given``)."""
-    key = first_non_finite(state) if plan is None else first_non_finite_given(state, plan, entropies)
-    if key is not None:
-        raise ValueError(f"{name}: NaN or Inf in {key!r}; refusing to graft")
 
 
 def first_non_finite_given(state: Mapping[str, Tensor], plan: GraftPlan, entropies: Tensor) -> str | None:

@@ -238,7 +238,7 @@ def _synthetic(image_size: int) -> tuple[ArraySplit, ArraySplit, int]:
 
 
 def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, ArraySplit, int]:
-    """Decode ``path`` once and keep the result as ``<cache_dir>/<sha256[:16]>-<size>px.pt``."""
+    """Decode ``path`` once and keep the result as ``<cache_dir>/<sha256[:16]>-<size>px-v<version>.pt``."""
     cache_dir = os.path.expanduser(cache_dir or "~/.cache/graft")
     cache = os.path.join(cache_dir, f"{_sha256(path)[:16]}-{image_size}px-v{_CACHE_VERSION}.pt")
     if os.path.isfile(cache):

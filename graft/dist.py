@@ -33,12 +33,6 @@ from torch import Tensor
 
 from .errors import PeerFailed, PeerLost, PeerTimeout, TopologyError, UserError
 
-# What graft-run SCRIPT.py tells each worker about graft's own world (the script's world is in
-# RANK, WORLD_SIZE, ... as torchrun would set them for the network alone).
-LAUNCHER_ENV = ("GRAFT_RANK", "GRAFT_WORLD", "GRAFT_REPLICAS", "GRAFT_LOCAL_RANK", "GRAFT_LOCAL_WORLD",
-                "GRAFT_STORE", "GRAFT_STORE_HOSTED", "GRAFT_ATTEMPT")
-
-
 # --------------------------------------------------------------------------------------------
 # Communication failures
 # --------------------------------------------------------------------------------------------

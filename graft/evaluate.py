@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, log
+from .cli import say_error
 from .config import ConfigError, load_config
 from .data import DataError, build_loaders
 from .engine import evaluate, make_autocast
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, args.overrides, args.device, args.config)
     except (ConfigError, DataError, checkpoint.CheckpointError, OSError) as e:
-        print(f"graft-eval: error: {e}", file=sys.stderr)
+        say_error(str(e), "graft-eval")
         return 1
     if args.json:
         print(json.dumps(result))

@@ -70,10 +70,6 @@ class FlatState:
     def device(self) -> torch.device:
         return next(iter(self.buffers.values())).device
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
 
 # --------------------------------------------------------------------------------------------
 # Transports (leaders)

@@ -201,15 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         torchrun.run(args)
         return 0
     except UserError as e:
-        print(f"graft: error: {e}", file=sys.stderr, flush=True)
+        cli.say_error(str(e))
         return 1
     except ChildFailedError as e:
         print("\n".join(failure_lines(e, (args.data_parallel or 1) if script else None)), file=sys.stderr,
               flush=True)
         return 1
     except RendezvousError as e:
-        print(f"graft: error: torchrun's rendezvous failed ({type(e).__name__}: {e}); check --nnodes and "
-              "--rdzv-endpoint", file=sys.stderr, flush=True)
+        cli.say_error(f"torchrun's rendezvous failed ({type(e).__name__}: {e}); check --nnodes and --rdzv-endpoint")
         return 1
     except SignalException as e:
         print(stopped(e.sigval), file=sys.stderr, flush=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .cli import say_error
+from .config import upgrade_grafting
 from .report import MetricsLog
 
 
@@ -91,7 +93,7 @@ def load_run(run_dir: str | Path) -> Run:
 
     cfg = _read_config(run_dir)
     grafting = cfg.get("grafting", {})
-    entropy_alpha = grafting.get("criterion", "entropy") in ("entropy", "l1") and grafting.get("compat") != "reference"
+    entropy_alpha = grafting.get("criterion", "entropy") in ("entropy", "l1")
     run = Run(name=str(run_dir), title=_title(run_dir, cfg, len(nets)), split=first.split, epochs=np.array(epochs) + 1,
               acc=grid(lambda r: r.acc), ensemble_acc=ensemble, lr=grid(lambda r: r.lr), invalid=invalid,
               filters=first.filters, mean_peer_distance=grid(lambda r: r.mean_peer_distance),
@@ -113,16 +115,21 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def _read_config(run_dir: Path) -> dict:
+    """The run's config.yaml as saved (older grafting keys read as the criterion they meant); {}
+    where it is missing: the title and the alpha colour scale then fall back to defaults."""
     try:
-        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):  # the title is all it is used for
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
         return {}
+    if isinstance(cfg.get("grafting"), dict):
+        cfg["grafting"] = upgrade_grafting(cfg["grafting"])
+    return cfg
 
 
 def _title(run_dir: Path, cfg: dict, networks: int) -> str:
     g = cfg.get("grafting", {})
     if networks > 1 and g.get("enabled", True):
-        criterion = g.get("criterion") or {"filter": "bn_scale"}.get(g.get("level"), "entropy")
+        criterion = g.get("criterion", "entropy")
         rule = f"rule {g['rule']}, " if g.get("rule") else ""
         how = f"grafting: {rule}{criterion}, {g.get('partner', 'ring')}, A {g.get('A', '?')}, c {g.get('c', '?')}"
     else:
@@ -301,7 +308,7 @@ def main(argv=None) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("graft-report: error: matplotlib is not installed: pip install 'graft[plot]'", file=sys.stderr)
+        say_error("matplotlib is not installed: pip install 'graft[plot]'", "graft-report")
         return 1
     try:
         runs = [load_run(d) for d in args.runs]
@@ -310,7 +317,7 @@ def main(argv=None) -> int:
         if len(runs) > 1:
             print(draw_comparison(runs, args.compare))
     except (PlotError, OSError) as e:
-        print(f"graft-report: error: {e}", file=sys.stderr)
+        say_error(str(e), "graft-report")
         return 1
     return 0
 

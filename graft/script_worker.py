@@ -11,7 +11,7 @@ rank-0 saving would span the networks. So, before the script runs:
   (Slurm's task layout, ``SLURM_PROCID``, ``SLURM_NTASKS``..., is hidden too);
 * ``GRAFT_*`` describe graft's own world, which ``graft.Grafter()`` joins through process
   groups the script never sees: ``GRAFT_NETWORK``, ``GRAFT_NETWORKS``, ``GRAFT_REPLICA``,
-  ``GRAFT_REPLICAS``, and the store and ranks of ``dist.LAUNCHER_ENV``;
+  ``GRAFT_REPLICAS``, graft's ranks and its store (``graft_world`` lists them all);
 * where graft-run counted GPUs, ``CUDA_VISIBLE_DEVICES`` shows the network's replicas their own
   GPUs (the script's ``cuda:LOCAL_RANK`` is then the right one);
 * ``{network}`` in the script's arguments becomes the network's index
@@ -23,13 +23,13 @@ any other exception keeps its traceback: it is the script's.
 
 from __future__ import annotations
 
-import json
 import os
 import runpy
 import socket
 import sys
-import time
 from pathlib import Path
+
+from .cli import record_error
 
 # What torchrun (and Slurm's srun, around graft-run) set that describes the whole job: removed, or
 # replaced by the network's own world. Scripts read Slurm's task layout as a world too
@@ -135,14 +135,8 @@ def prepare(env: dict) -> dict:
 
 def report(line: str) -> None:
     """Leave the worker's one line where torchrun's agent and graft-run find it."""
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        try:
-            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
-            return
-        except OSError:
-            pass
-    print(line, file=sys.stderr, flush=True)
+    if not record_error(line):
+        print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

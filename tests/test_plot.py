@@ -51,6 +51,16 @@ def test_the_arrays_are_the_records(tmp_path):
     assert run.split == "test" and run.score_name == "entropy"
 
 
+def test_an_older_config_names_the_criterion_it_meant(tmp_path):
+    """grafting.compat: reference (the official code's rule) and level: filter, as older
+    versions saved them: titled by the criterion, and no entropy alpha scale for them."""
+    write_run(tmp_path / "run")
+    for old, criterion in (("compat: reference", "reference"), ("level: filter", "bn_scale")):
+        (tmp_path / "run" / "config.yaml").write_text(f"model: resnet8\ngrafting:\n  A: 0.4\n  c: 500\n  {old}\n")
+        run = plot.load_run(tmp_path / "run")
+        assert f"grafting: {criterion}, ring" in run.title and run.A is None
+
+
 def test_a_record_written_twice_counts_once_the_later(tmp_path):
     records = write_run(tmp_path / "run")
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:

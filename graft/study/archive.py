@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, upgrade_setup
 from .plan import Run
 
 ARCHIVED = ("config.yaml", "metrics.jsonl", "summary.json", "study.json")
@@ -63,8 +63,7 @@ def final_distance(run_dir: Path, networks: int) -> dict | None:
     models = [state["model"] for state in states]
     # The layers as training grouped them (module_plan), found from the state dict alone: the same
     # for every model whose normalization layers keep running statistics.
-    setup = states[0].get("setup") or {}
-    reference = "reference" in (setup.get("grafting.criterion"), setup.get("grafting.compat"))
+    reference = upgrade_setup(states[0].get("setup") or {}).get("grafting.criterion") == "reference"
     layers = make_plan(models[0], "reference" if reference else "default").layers
     per_network = [peer_distances(models[k], models[k - 1], layers).mean().item() for k in range(networks)]
     return {"final_distance": sum(per_network) / networks, "per_network": per_network,

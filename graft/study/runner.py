@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+from ..cli import say_error
 from ..engine import machine_name
 from ..errors import UserError
 from ..report import writing
@@ -96,8 +97,8 @@ def study(plan: Plan, args) -> int:
         patterns = args.only.split(",")
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.arm.name, p) for p in patterns)]
         if not runs:
-            print(f"graft-study: error: --only {args.only}: no arm matches (arms: "
-                  f"{', '.join(a.name for a in plan.arms)})", file=sys.stderr)
+            say_error(f"--only {args.only}: no arm matches (arms: {', '.join(a.name for a in plan.arms)})",
+                      "graft-study")
             return 2
     left = [r for r in runs if not finished(r)]
     if args.dry_run:
@@ -127,8 +128,8 @@ def study(plan: Plan, args) -> int:
         if code != 0 or not finished(run):
             why = f"exit {code}" if code != 0 else f"exit 0, but no {run.dir / 'summary.json'}"
             said = "".join(f"\n  {line}" for line in errors)
-            print(f"graft-study: error: {run.label} failed ({why}); see {run.dir / 'log.txt'}. "
-                  f"Fix the cause and run the same command to resume.{said}", file=sys.stderr)
+            say_error(f"{run.label} failed ({why}); see {run.dir / 'log.txt'}. Fix the cause and run the same command "
+                      f"to resume.{said}", "graft-study")
             return 1
         done_now += 1
         print(f"report: {write_report(plan, all_runs, args.plan)}")
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
         plan.root, plan.results = args.root or plan.root, args.results or plan.results
         return study(plan, args)
     except UserError as e:  # a bad plan, override or archived file; a results folder it cannot write
-        print(f"graft-study: error: {e}", file=sys.stderr)
+        say_error(str(e), "graft-study")
         return 2
 
 
