@@ -5,6 +5,7 @@ compile=true is left out here: inductor's C++ build of the model takes minutes o
 """
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -36,15 +37,20 @@ def table_rows(text: str) -> dict[str, list[str]]:
 
 
 def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
+    # CI's time budget: its launcher steps for bf16 and hybrid mode run the launcher step of
+    # two_networks with one more override each, and test_train runs both kinds of run.
+    ci = os.environ.get("CI") and os.environ.get("GRAFT_TEST_SLOW") != "1"
+    left_out = ["compile", *(["bf16", "hybrid"] if ci else [])]
     out = tmp_path / "gpu_check.md"
-    proc = gpu_check("--cpu", "--skip", "compile", "--timeout", "600", "--work", str(tmp_path / "work"),
+    proc = gpu_check("--cpu", "--skip", ",".join(left_out), "--timeout", "600", "--work", str(tmp_path / "work"),
                      "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
     rows = table_rows(out.read_text())
-    assert {name: cells[0] for name, cells in rows.items()} == EXPECTED, out.read_text()
+    expected = {name: "skip" if name in left_out else result for name, result in EXPECTED.items()}
+    assert {name: cells[0] for name, cells in rows.items()} == expected, out.read_text()
     figures = {name: cells[2] for name, cells in rows.items()}
     assert "passed" in figures["unit"] and "failed" not in figures["unit"]
-    for name in ("two_networks", "bf16", "hybrid"):
+    for name in {"two_networks", "bf16", "hybrid"} - set(left_out):
         assert figures[name].startswith("gloo: ") and "img/s per network" in figures[name], figures[name]
     assert "resumed after epoch" in figures["resume"]
     assert "official-style loop" in figures["throughput"] and "img/s" in figures["throughput"]
