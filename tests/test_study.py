@@ -71,6 +71,9 @@ def test_difference_table_pairs_seeds_and_flags_a_zero_width_interval():
     text = "\n".join(difference_table([("graft", "average")], mostly, [("final", "final")]))
     assert ("the 95% interval excludes 0: over these 5 seeds graft is above average on average (above on 4 of 5 "
             "seeds).") in text
+    # A study under way: no seed finished in both arms yet, and no empty table.
+    assert difference_table([("graft", "average")], {"graft": {0: {"final": 84.0}}, "average": {}},
+                            [("final", "final")]) == ["No seed has finished in both arms of a pair yet.", ""]
 
 
 def test_invalid_filters_are_compared_where_some_run_has_them():

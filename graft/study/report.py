@@ -308,6 +308,8 @@ def difference_table(pairs: list[tuple[str, str]], per_arm: dict, metrics) -> li
             lines.append(f"| {a} | {b} | {name} | {d.n} | {d.mean:+.2f} | {interval} |")
             if m in ("final", "ensemble"):
                 sentences.append(_sentence(a, b, name, d))
+    if len(lines) == 2:  # a study under way: no seed is finished in both arms of any pair yet
+        return ["No seed has finished in both arms of a pair yet.", ""]
     return lines + ["", *[f"- {s}" for s in sentences], ""]
 
 
