@@ -90,6 +90,14 @@ def test_invalid_filters_are_compared_where_some_run_has_them():
     lines = difference_table([("graft", "independent")], per_arm, counted)
     assert "| graft | independent | invalid filters, L1 < 0.1 | 2 | -28.00 | [-47.06, -8.94] |" in lines
     assert invalid_metrics({"independent": {0: run(0, 0)}, "graft": {0: run(0, 0)}}) == []
+    # The mean per network hides where the filters are: the fewest and the most any network had.
+    from graft.study.report import invalid_cell
+
+    seed0 = {"invalid": {"0.1": 37.0, "0.01": 29.0}, "invalid_networks": {"0.1": [3, 71], "0.01": [0, 58]},
+             "filters": 688}
+    even = {"invalid": {"0.1": 14.0}, "invalid_networks": {"0.1": [14, 14]}, "filters": 688}
+    assert invalid_cell([seed0]) == "<0.1: 37.0 (3 to 71), <0.01: 29.0 (0 to 58) of 688"
+    assert invalid_cell([even]) == "<0.1: 14.0 of 688"
     assert invalid_metrics({"independent": {}}) == []
 
 

@@ -81,6 +81,7 @@ def _run_result(run: Run) -> dict:
         "epochs": last_epoch + 1,
         "filters": last[0].filters,
         "invalid": invalid,
+        "invalid_networks": {t: [r.invalid_filters[t] for r in last] for t in invalid},
         "mean_alpha": statistics.mean(alphas) if alphas else None,
         "alpha_stray": statistics.mean(strays) if strays else None,
         "distance": distance,
@@ -208,16 +209,16 @@ def _write_report(plan: Plan, runs: list[Run], plan_path: str | None) -> Path:
               "layer's alpha strays from plain averaging; *distance*: how far apart the networks' final weights are "
               "(mean over layers of ||W_peer - W_self|| / ||W_self||, each network against its ring peer; near 0: "
               "the networks have become one); *ensemble gain*: ensemble final minus final.", "",
-              "| arm | invalid filters (last epoch, per network) | mean alpha | mean abs(alpha - 0.5) | distance "
-              "| ensemble gain | graft overhead (% of epoch time) | wall time per run |",
+              "| arm | invalid filters (last epoch, mean per network; fewest to most) | mean alpha "
+              "| mean abs(alpha - 0.5) | distance | ensemble gain | graft overhead (% of epoch time) "
+              "| wall time per run |",
               "|---|---|---|---|---|---|---|---|"]
     for a in arms:
         rs = list(per_arm[a].values())
         if not rs:
             lines.append(f"| {a} |" + " - |" * 7)
             continue
-        inv = ", ".join(f"<{t}: {statistics.mean(r['invalid'][t] for r in rs):.1f}" for t in rs[0]["invalid"])
-        inv += f" of {rs[0]['filters']}" if rs[0]["filters"] else ""
+        inv = invalid_cell(rs)
         alphas = [r["mean_alpha"] for r in rs if r["mean_alpha"] is not None]
         alpha = _pm(alphas, digits=3) if alphas else "- (no graft)"
         strays = [r["alpha_stray"] for r in rs if r["alpha_stray"] is not None]
@@ -280,6 +281,20 @@ def _write_report(plan: Plan, runs: list[Run], plan_path: str | None) -> Path:
 
 def _at_least(results: list[dict]) -> str:
     return "≥ " if any(r["wall_at_least"] for r in results) else ""
+
+
+def invalid_cell(runs: list[dict]) -> str:
+    """An arm's invalid filters at the last epoch: the mean per network, and the fewest and the
+    most any one network had where they differ (a mean of 37 may be 3 in one network and 71 in
+    the other)."""
+    cells = []
+    for t in runs[0]["invalid"]:
+        cell = f"<{t}: {statistics.mean(r['invalid'][t] for r in runs):.1f}"
+        counts = [n for r in runs for n in r.get("invalid_networks", {}).get(t, [])]
+        if counts and min(counts) != max(counts):
+            cell += f" ({min(counts)} to {max(counts)})"
+        cells.append(cell)
+    return ", ".join(cells) + (f" of {runs[0]['filters']}" if runs[0]["filters"] else "")
 
 
 def invalid_metrics(per_arm: dict) -> list[tuple[str, str]]:
