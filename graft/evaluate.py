@@ -57,11 +57,11 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    gpus = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.is_available() else 0
+    if dev.type == "cuda" and not gpus:
         raise ConfigError(f"--device {device}: no CUDA GPU here (--device cpu, or auto)")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "cuda" and (dev.index or 0) >= gpus:
+        raise ConfigError(f"--device {device}: this machine has {gpus} CUDA GPU(s), cuda:0 to cuda:{gpus - 1}")
     loaders = build_loaders(dataclasses.replace(cfg.data, workers=0), 1, cfg.eval_batch_size, seed=0,
                             device=dev, channels_last=cfg.channels_last, train=False)
     loader = loaders.eval if split == "val" else loaders.test

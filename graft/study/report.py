@@ -74,14 +74,15 @@ def _run_result(run: Run) -> dict:
         curve.setdefault(r.epoch, []).append(r.acc)
         for t, n in r.invalid_filters.items():
             invalid_curve.setdefault(t, {}).setdefault(r.epoch, []).append(n)
-    invalid = {t: statistics.mean(r.invalid_filters[t] for r in last) for t in last[0].invalid_filters}
+    invalid_networks = {t: [r.invalid_filters[t] for r in last] for t in last[0].invalid_filters}
+    invalid = {t: statistics.mean(counts) for t, counts in invalid_networks.items()}
     return {
         **accs,
         **{f"invalid<{t}": n for t, n in invalid.items()},  # compared like the accuracies (invalid_metrics)
         "epochs": last_epoch + 1,
         "filters": last[0].filters,
         "invalid": invalid,
-        "invalid_networks": {t: [r.invalid_filters[t] for r in last] for t in invalid},
+        "invalid_networks": invalid_networks,
         "mean_alpha": statistics.mean(alphas) if alphas else None,
         "alpha_stray": statistics.mean(strays) if strays else None,
         "distance": distance,
