@@ -23,6 +23,7 @@ _EXPORTS = {
     "GraftSpec": "rules", "GraftReport": "rules", "graft_state_dict": "rules",
     "GraftResult": "exchange",
     "GraftPlan": "core", "adaptive_weight": "core", "count_invalid_filters": "core", "filter_entropy": "core",
+    "invalid_in_both": "core",
     "make_plan": "core", "module_plan": "core", "peer_distances": "core", "plan_entropies": "core",
     "reference_entropy": "core", "weight_entropies": "core", "weight_entropy": "core",
 }

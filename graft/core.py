@@ -43,6 +43,7 @@ __all__ = [
     "first_non_finite",
     "first_non_finite_given",
     "count_invalid_filters",
+    "invalid_in_both",
 ]
 
 COMPATS = ("default", "reference")
@@ -549,25 +550,46 @@ def _blend_filters(own: Tensor, peer: Tensor, out_off, in_off, layer_off) -> Ten
 # --------------------------------------------------------------------------------------------
 
 
+def _filter_norms(model_or_state_dict) -> list[tuple[str, Tensor]]:
+    """(name, L1 norm of each filter) of every conv weight: every floating weight with 3 or more
+    dims, a filter being one slice along dim 0."""
+    state = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module)
+             else model_or_state_dict)
+    return [(k, t.detach().flatten(1).abs().sum(1)) for k, t in state.items()
+            if t.is_floating_point() and t.dim() >= 3 and k.endswith("weight")]
+
+
 def count_invalid_filters(model_or_state_dict, thresholds: Iterable[float] = (0.1, 0.01)) -> dict:
     """Count conv filters whose L1 norm falls below each threshold (the paper's "invalid" filters).
 
-    Every floating weight with 3 or more dims is a conv weight; a filter is one slice along
-    dim 0. Returns ``{"total": F, "invalid": {thr: n}, "layers": [{"layer", "filters",
+    Returns ``{"total": F, "invalid": {thr: n}, "layers": [{"layer", "filters",
     "invalid": {thr: n}}]}``.
     """
-    state = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module)
-             else model_or_state_dict)
     thresholds = tuple(float(t) for t in thresholds)
-    convs = [(k, t) for k, t in state.items()
-             if t.is_floating_point() and t.dim() >= 3 and k.endswith("weight")]
-    if not convs:
+    norms = _filter_norms(model_or_state_dict)
+    if not norms:
         return {"total": 0, "invalid": {t: 0 for t in thresholds}, "layers": []}
-    norms = [t.detach().flatten(1).abs().sum(1) for _, t in convs]
-    thr = torch.tensor(thresholds, dtype=norms[0].dtype, device=norms[0].device)
-    below = torch.stack([(n.unsqueeze(1) < thr).sum(0) for n in norms]).tolist()
-    layers = [{"layer": k, "filters": t.shape[0], "invalid": dict(zip(thresholds, b))}
-              for (k, t), b in zip(convs, below)]
+    thr = torch.tensor(thresholds, dtype=norms[0][1].dtype, device=norms[0][1].device)
+    below = torch.stack([(n.unsqueeze(1) < thr).sum(0) for _, n in norms]).tolist()
+    layers = [{"layer": k, "filters": len(n), "invalid": dict(zip(thresholds, b))}
+              for (k, n), b in zip(norms, below)]
     totals = [sum(col) for col in zip(*below)]
-    return {"total": sum(t.shape[0] for _, t in convs), "invalid": dict(zip(thresholds, totals)),
+    return {"total": sum(len(n) for _, n in norms), "invalid": dict(zip(thresholds, totals)),
             "layers": layers}
+
+
+def invalid_in_both(own, peer, thresholds: Iterable[float] = (0.1, 0.01)) -> dict:
+    """``{thr: n}``: the filters invalid in ``own`` whose filter at the same position in ``peer``
+    is invalid too. A graft blends each filter with the one at its position in the peer, so it
+    can revive an invalid filter only where the peer's is valid: these it cannot. (Between
+    networks that never blended, positions do not correspond and the overlap is chance.)"""
+    thresholds = tuple(float(t) for t in thresholds)
+    peer_norms = dict(_filter_norms(peer))
+    counts = dict.fromkeys(thresholds, 0)
+    for name, norms in _filter_norms(own):
+        if name not in peer_norms or peer_norms[name].shape != norms.shape:
+            raise ValueError(f"{name}: not in both models with one shape; compare models of one architecture")
+        worst = torch.maximum(norms, peer_norms[name].to(norms.device))
+        for t in thresholds:
+            counts[t] += int((worst < t).sum())
+    return counts

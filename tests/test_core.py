@@ -17,6 +17,7 @@ from graft import (
     count_invalid_filters,
     filter_entropy,
     graft_state_dict,
+    invalid_in_both,
     make_plan,
     peer_distances,
     reference_entropy,
@@ -433,6 +434,17 @@ def test_invalid_filter_counts_on_hand_built_model():
     assert counts["total"] == 6
     assert counts["invalid"] == {0.1: 3, 0.01: 1}  # L1 norms: .5 .05 .005 .2 | .04 1
     assert [layer["invalid"] for layer in counts["layers"]] == [{0.1: 2, 0.01: 1}, {0.1: 1, 0.01: 0}]
+
+
+def test_invalid_in_both_counts_the_filters_no_graft_can_revive():
+    own = {"conv.weight": torch.tensor([0.0, 0.05, 0.5, 0.005]).view(4, 1, 1, 1), "fc.weight": torch.zeros(2, 2)}
+    peer = {"conv.weight": torch.tensor([0.0, 0.5, 0.05, 0.005]).view(4, 1, 1, 1), "fc.weight": torch.zeros(2, 2)}
+    # Filter 0 and 3 are invalid in both under 0.1, filter 1 only in own, 2 only in peer; the
+    # linear layer is no conv.
+    assert invalid_in_both(own, peer, (0.1, 0.01)) == {0.1: 2, 0.01: 2}
+    assert invalid_in_both(own, own, (0.1,)) == {0.1: 3}
+    with pytest.raises(ValueError, match="conv.weight: not in both models"):
+        invalid_in_both(own, {"conv.weight": torch.zeros(2, 1, 1, 1)})
 
 
 def test_resnet32_has_1136_filters_like_the_paper():

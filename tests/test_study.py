@@ -14,7 +14,7 @@ from graft import checkpoint
 from graft.config import ConfigError
 from graft.engine import machine_name
 from graft.stats import paired_difference, t_quantile_975
-from graft.study.archive import final_distance, write_json
+from graft.study.archive import final_weights, write_json
 from graft.study.plan import Arm, Run, command, load_plan, runs_of
 from graft.study.runner import time_left
 from helpers import ROOT, env
@@ -101,6 +101,24 @@ def test_invalid_filters_are_compared_where_some_run_has_them():
     assert invalid_metrics({"independent": {}}) == []
 
 
+def test_where_invalid_says_how_many_a_graft_cannot_revive():
+    """The share of invalid filters whose peer is invalid at the same position, per arm and
+    threshold, over the runs that measured it (an older weights.json lacks it)."""
+    from graft.study.report import where_invalid
+
+    def run(invalid, both):
+        return {"invalid": {"0.1": invalid}, "invalid_in_both": None if both is None else {"0.1": both}}
+
+    per_arm = {"independent": {0: run(37.0, 1.0), 1: run(48.5, 6.0), 2: run(40.0, None)},
+               "graft": {0: run(14.0, 14.0)}, "average": {}}
+    lines = where_invalid(per_arm, ["0.1"])
+    assert "| independent | < 0.1 | 2 | 42.8 | 3.5 | 8% |" in lines
+    assert "| graft | < 0.1 | 1 | 14.0 | 14.0 | 100% |" in lines
+    assert not any(line.startswith("| average") for line in lines)
+    assert where_invalid({"graft": {0: run(14.0, None)}}, ["0.1"]) == []
+    assert "| graft | < 0.1 | 1 | 0.0 | 0.0 | - |" in where_invalid({"graft": {0: run(0.0, 0.0)}}, ["0.1"])
+
+
 def test_the_picture_gets_an_invalid_filter_panel_where_some_run_has_them(tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
@@ -172,22 +190,30 @@ def test_command_line_overrides_are_checked_and_set_the_process_count(monkeypatc
         load_plan(PLAN, ["epoch=3"])
 
 
-def test_final_distance_of_hand_made_checkpoints(tmp_path):
-    def save(net, epoch, scale):
+def test_final_weights_of_hand_made_checkpoints(tmp_path):
+    def save(net, epoch, scale, dead=(), run=tmp_path):
         model = {"conv.weight": torch.full((4, 3, 3, 3), scale), "bn.running_mean": torch.zeros(4)}
-        checkpoint.save_epoch(tmp_path, net, {}, {"epoch": epoch, "model": model}, keep=3)
+        model["conv.weight"][list(dead)] = 0.001  # invalid filters: L1 norm 0.027
+        checkpoint.save_epoch(run, net, {}, {"epoch": epoch, "model": model}, keep=3)
 
     save(0, 0, 5.0)  # an older epoch: only the last one counts
     save(0, 2, 1.0)
-    assert final_distance(tmp_path, 1) is None  # one network: nothing to compare
-    assert final_distance(tmp_path, 2) is None  # network 1 has no checkpoint
+    assert final_weights(tmp_path, 1) is None  # one network: nothing to compare
+    assert final_weights(tmp_path, 2) is None  # network 1 has no checkpoint
     save(1, 2, 2.0)
-    record = final_distance(tmp_path, 2)
+    record = final_weights(tmp_path, 2)
     # net0 against its ring peer net1: |2 - 1| / |1| = 1; net1 against net0: |1 - 2| / |2| = 0.5.
     assert record["per_network"] == [1.0, 0.5] and record["final_distance"] == 0.75
     assert record["epoch"] == 2 and record["layers"] == 1
+    assert record["invalid_in_both"] == {"0.1": 0.0, "0.01": 0.0}
+    # Filter 1 is invalid in both networks: a graft cannot revive it; 0 and 2, 3 it can.
+    save(0, 0, 1.0, dead=[0, 1], run=tmp_path / "dead")
+    save(1, 0, 2.0, dead=[1, 2, 3], run=tmp_path / "dead")
+    record = final_weights(tmp_path / "dead", 2, thresholds=(0.1, 0.01))
+    assert record["invalid_in_both"] == {"0.1": 1.0, "0.01": 0.0}
+    assert record["invalid_in_both_per_network"] == [{"0.1": 1, "0.01": 0}] * 2
     save(1, 3, 2.0)  # the networks' last checkpoints disagree: not a finished run
-    assert final_distance(tmp_path, 2) is None
+    assert final_weights(tmp_path, 2) is None
 
 
 def study(tmp_path, *args, **kw):
@@ -249,13 +275,17 @@ def test_tiny_study_interrupted_and_continued(tmp_path):
     assert all(d > 0 for d in distances.values())
     assert f"| {(distances['graft/seed0'] + distances['graft/seed1']) / 2:.3f} ± " in report
 
-    # A run archived without weights.json (as before it existed) gets one from --report while
-    # its checkpoints are still there.
-    (results / "tiny" / "graft" / "seed0" / "weights.json").unlink()
+    # A run archived without weights.json (as before it existed), or with one from before the
+    # invalid-filter overlap, gets a whole one from --report while its checkpoints are still there.
+    weights = results / "tiny" / "graft" / "seed0" / "weights.json"
+    assert set(json.loads(weights.read_text())["invalid_in_both"]) == {"0.1", "0.01"}
+    weights.unlink()
+    (results / "tiny" / "graft" / "seed1" / "weights.json").write_text(json.dumps({"final_distance": 0.5}))
     subprocess.run([sys.executable, "-m", "graft.study", str(PLAN), "--root", str(tmp_path / "runs"),
                     "--results", str(results), "--report"], cwd=ROOT, env=env(), check=True, capture_output=True)
-    again = json.loads((results / "tiny" / "graft" / "seed0" / "weights.json").read_text())["final_distance"]
-    assert again == distances["graft/seed0"]
+    for label in ("graft/seed0", "graft/seed1"):
+        again = json.loads((results / "tiny" / label / "weights.json").read_text())
+        assert again["final_distance"] == distances[label] and "invalid_in_both" in again
     assert f"Machines: A: {machine_name()}." in report
     assert report.count(" | A |") == 4 and "Runs on different machines" not in report
 

@@ -13,8 +13,9 @@ the same command continues a study after any stop. Each run records the code ver
 in ``study.json`` beside its outputs.
 
 A finished run's small files (config.yaml, metrics.jsonl, summary.json, study.json; no
-checkpoints) are copied to ``<results>/<name>/<arm>/seed<k>/``, with weights.json: how far apart
-the networks' final weights are (``final_distance``). The report is made from these files
+checkpoints) are copied to ``<results>/<name>/<arm>/seed<k>/``, with weights.json from the final
+checkpoints: how far apart the networks end (``final_distance``) and how many invalid filters
+sit where the peer's filter is invalid too (``invalid_in_both``). The report is made from these files
 alone, they can be committed beside it as its evidence, and a run found there counts as
 finished, so a study continues on another machine from the committed results. After every run
 the report is rewritten: ``<results>/<name>.md`` and ``<name>.png``.

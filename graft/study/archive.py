@@ -47,14 +47,19 @@ def finished(run: Run) -> bool:
     return read_state(run.archive).get("finished", False) and (run.archive / "summary.json").exists()
 
 
-def final_distance(run_dir: Path, networks: int) -> dict | None:
-    """How far apart the networks of a finished run end: the mean over layers of
-    ``||W_peer - W_self|| / ||W_self||`` (``core.peer_distances``, which the training logs at each
-    graft) between each network and its ring peer, on the last epoch's checkpoints, averaged over
-    the networks. Near 0, the networks have become one network and an ensemble of them gains
-    nothing. None with fewer than 2 networks, or without every network's last checkpoint."""
+def final_weights(run_dir: Path, networks: int, thresholds=(0.1, 0.01)) -> dict | None:
+    """What the last epoch's checkpoints of a finished run say about its networks together
+    (weights.json), each network against its ring peer and averaged over the networks:
+
+    - ``final_distance``: the mean over layers of ``||W_peer - W_self|| / ||W_self||``
+      (``core.peer_distances``, which the training logs at each graft). Near 0, the networks have
+      become one network and an ensemble of them gains nothing.
+    - ``invalid_in_both``: per threshold, the invalid filters whose filter at the same position in
+      the peer is invalid too (``core.invalid_in_both``): those a graft cannot revive.
+
+    None with fewer than 2 networks, or without every network's last checkpoint."""
     from .. import checkpoint
-    from ..core import make_plan, peer_distances
+    from ..core import invalid_in_both, make_plan, peer_distances
 
     finals = [files[-1] for files in (checkpoint.epoch_files(run_dir, k) for k in range(networks)) if files]
     if networks < 2 or len(finals) < networks or len({epoch for epoch, _ in finals}) > 1:
@@ -66,24 +71,31 @@ def final_distance(run_dir: Path, networks: int) -> dict | None:
     reference = upgrade_setup(states[0].get("setup") or {}).get("grafting.criterion") == "reference"
     layers = make_plan(models[0], "reference" if reference else "default").layers
     per_network = [peer_distances(models[k], models[k - 1], layers).mean().item() for k in range(networks)]
+    both = [invalid_in_both(models[k], models[k - 1], thresholds) for k in range(networks)]
     return {"final_distance": sum(per_network) / networks, "per_network": per_network,
+            "invalid_in_both": {str(t): sum(b[t] for b in both) / networks for t in both[0]},
+            "invalid_in_both_per_network": [{str(t): n for t, n in b.items()} for b in both],
             "epoch": finals[0][0], "layers": len(layers)}
 
 
-def write_distance(run: Run) -> None:
+def write_weights(run: Run) -> None:
     """weights.json in the archive of a finished run, from its checkpoints where they still are
-    (also for runs archived before weights.json existed); nothing when they are gone."""
+    (also for runs archived before weights.json, or its invalid-filter overlap, existed); an
+    older weights.json stays when the checkpoints are gone."""
+    from ..config import load_config
     from ..errors import CheckpointError
 
-    if (run.archive / "weights.json").exists() or not finished(run):
+    path = run.archive / "weights.json"
+    if not finished(run) or (path.exists() and "invalid_in_both" in read_json(path)):
         return
     try:
-        record = final_distance(run.dir, run.arm.networks)
-    except CheckpointError as e:  # the run itself is fine; the report shows no distance for it
-        print(f"graft-study: warning: {run.label}: no weights.json: {e}", file=sys.stderr)
+        thresholds = load_config(run.archive / "config.yaml").invalid_thresholds
+        record = final_weights(run.dir, run.arm.networks, thresholds)
+    except (CheckpointError, ConfigError) as e:  # the run itself is fine; the report shows no figure for it
+        print(f"graft-study: warning: {run.label}: no new weights.json: {e}", file=sys.stderr)
         return
     if record is not None:
-        write_json(run.archive / "weights.json", record)
+        write_json(path, record)
 
 
 def archive(run: Run) -> None:

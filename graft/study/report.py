@@ -68,7 +68,7 @@ def _run_result(run: Run) -> dict:
     epoch_seconds = sum(r.epoch_seconds for r in records)
     trained = max(sum(r.epoch_seconds for r in records if r.network == k) for k in {r.network for r in records})
     weights = run.archive / "weights.json"
-    distance = read_json(weights)["final_distance"] if weights.exists() else None
+    weights = read_json(weights) if weights.exists() else {}
     curve, invalid_curve = {}, {}
     for r in records:
         curve.setdefault(r.epoch, []).append(r.acc)
@@ -85,7 +85,8 @@ def _run_result(run: Run) -> dict:
         "invalid_networks": invalid_networks,
         "mean_alpha": statistics.mean(alphas) if alphas else None,
         "alpha_stray": statistics.mean(strays) if strays else None,
-        "distance": distance,
+        "distance": weights.get("final_distance"),
+        "invalid_in_both": weights.get("invalid_in_both"),  # None: archived before it was measured
         "overhead": sum(r.graft_seconds for r in records) / epoch_seconds if epoch_seconds else 0.0,
         # A runner killed outright (before graft-study saved wall time while runs trained) lost its
         # attempt's time: the network's own epoch times are then the better (lower) bound.
@@ -206,6 +207,7 @@ def _write_report(plan: Plan, runs: list[Run], plan_path: str | None) -> Path:
                   "A filter is invalid when the L1 norm of its weights is under the threshold. Below 0: the arm "
                   f"ends with fewer invalid filters than `{plan.reference}`.", ""]
         lines += difference_table([(a, plan.reference) for a in others], per_arm, counted)
+        lines += where_invalid(per_arm, [key.removeprefix("invalid<") for key, _ in counted])
     lines += ["## Per arm", "", "*mean alpha*: over networks, layers and grafts; *mean abs(alpha - 0.5)*: how far a "
               "layer's alpha strays from plain averaging; *distance*: how far apart the networks' final weights are "
               "(mean over layers of ||W_peer - W_self|| / ||W_self||, each network against its ring peer; near 0: "
@@ -296,6 +298,32 @@ def invalid_cell(runs: list[dict]) -> str:
             cell += f" ({min(counts)} to {max(counts)})"
         cells.append(cell)
     return ", ".join(cells) + (f" of {runs[0]['filters']}" if runs[0]["filters"] else "")
+
+
+def where_invalid(per_arm: dict, thresholds: list[str]) -> list[str]:
+    """The section that says whether grafting could revive the invalid filters at all: a graft
+    blends each filter with the one at its position in the peer, so a filter whose peer is
+    invalid there too stays invalid. Empty when no finished run measured it (weights.json)."""
+    rows = []
+    for arm, by_seed in per_arm.items():
+        rs = [r for r in by_seed.values() if r.get("invalid_in_both") is not None]
+        for t in thresholds:
+            if not rs or t not in rs[0]["invalid_in_both"]:
+                continue
+            invalid = statistics.mean(r["invalid"][t] for r in rs)
+            both = statistics.mean(r["invalid_in_both"][t] for r in rs)
+            share = f"{100 * both / invalid:.0f}%" if invalid else "-"
+            rows.append(f"| {arm} | < {t} | {len(rs)} | {invalid:.1f} | {both:.1f} | {share} |")
+    if not rows:
+        return []
+    return ["## Where the invalid filters sit (last epoch, mean per network)", "",
+            "A graft blends each filter with the filter at the same position in the ring peer, so it can revive an "
+            "invalid filter only where the peer's filter there is valid. *Invalid in the peer too*: the invalid "
+            "filters whose filter at the same position in the peer is invalid as well, from the final checkpoints. "
+            "Between networks that never blended, positions do not correspond (each network starts from its own "
+            "initialization), and this overlap is chance.", "",
+            "| arm | L1 norm | runs | invalid | invalid in the peer too | share |", "|---|---|---|---|---|---|",
+            *rows, ""]
 
 
 def invalid_metrics(per_arm: dict) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from ..cli import say_error
 from ..engine import machine_name
 from ..errors import UserError
 from ..report import writing
-from .archive import archive, code_version, finished, read_state, write_distance, write_state
+from .archive import archive, code_version, finished, read_state, write_state, write_weights
 from .plan import Plan, Run, command, load_plan, runs_of
 from .report import fmt_duration, write_report
 
@@ -86,7 +86,7 @@ def run_one(plan: Plan, run: Run, extra=()) -> tuple[int, list[str]]:
     if state["finished"]:
         with writing(run.archive, "the run's archive", setting="--results"):
             archive(run)
-        write_distance(run)
+        write_weights(run)
     return code, errors
 
 
@@ -108,7 +108,7 @@ def study(plan: Plan, args) -> int:
         return 0
     if args.report:
         for r in all_runs:
-            write_distance(r)
+            write_weights(r)
         print(f"report: {write_report(plan, all_runs, args.plan)}")
         return 0
     print(f"study {plan.name}: {len(runs) - len(left)} of {len(runs)} runs finished")
@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("plan", help="the study plan (YAML)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs left, run nothing")
     parser.add_argument("--report", action="store_true",
-                        help="only rewrite the report from the finished runs (and add weights.json to those "
-                        "archived without it whose checkpoints are still under the root)")
+                        help="only rewrite the report from the finished runs (and write weights.json for those "
+                        "archived without it, or with an older one, whose checkpoints are still under the root)")
     parser.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all)")
     parser.add_argument("--root", help="where the runs go (default: the plan's root, runs/studies)")
     parser.add_argument("--results", help="where the report goes (default: the plan's results, results/)")
