@@ -251,7 +251,8 @@ RANGES = {
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+    """The keys a file may give: a field with init=False is the code's own (a plan's Arm.nproc)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
 def build(cls, values: dict, source: str, prefix: str = ""):
@@ -296,9 +297,27 @@ def _convert(hint, value, source: str, name: str):
             except ValueError:
                 pass
     elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)):  # bool included
+            raise ConfigError(_unquoted(value, source, name))
     raise ConfigError(f"{source}: {name}: expected {hint.__name__}, got {value!r}")
+
+
+def _unquoted(value, source: str, name: str) -> str:
+    """The error for a text setting that YAML read as a number or a boolean: turned back into
+    text, it would not be what was written (2024_01 reads as 202401, 0755 as 493)."""
+    if isinstance(value, bool):
+        kind, why = "boolean", "YAML reads an unquoted true, false, yes, no, on or off as a boolean"
+    else:
+        kind, why = "number", "YAML reads an unquoted number as one, and may change it: 2024_01 is 202401, 0755 is 493"
+    if "[" in name:  # a list's item
+        quoted = "'...'"
+    elif source == "command line":
+        quoted = f"\"{name}='...'\" (the inner quotes are YAML's, the outer the shell's)"
+    else:
+        quoted = f"{name}: '...'"
+    return f"{source}: {name}: expected text, got the {kind} {value!r} ({why}); quote the value as written: {quoted}"
 
 
 def _get(cfg: Config, dotted: str):
@@ -419,6 +438,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if parts[-1] not in node:
             build(_section_class(parts[:-1]), {parts[-1]: value}, "command line",
                    "".join(p + "." for p in parts[:-1]))
+        if value == {} and isinstance(node[parts[-1]], dict):  # it once reset the section to its defaults
+            name = ".".join(parts)
+            raise ConfigError(f"command line: {name}={{}}: an empty mapping sets no key of the section; name the "
+                              f"keys to set ({name}.KEY=VALUE or {name}={{KEY: VALUE}}), or leave it out")
         node[parts[-1]] = value
         cfg = build(Config, merged, "command line")
         overridden.add(".".join(parts))

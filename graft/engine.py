@@ -59,6 +59,26 @@ def machine_name() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, {gpu}"
 
 
+def is_channels_last(model) -> bool:
+    """Whether the model's weights are channels_last (``channels_last: true`` converts the model);
+    its batches then follow it on the device (``to_device``), so the model alone says the format."""
+    for p in model.parameters():
+        if p.dim() == 4:  # a conv's weight; one of 1 x 1 kernels, or of one channel, is in both formats
+            last, plain = p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()
+            if last != plain:
+                return last
+    return False
+
+
+def to_device(images, labels, device, channels_last: bool):
+    """A batch on the device, 4-D images made channels_last there when ``channels_last``: folder
+    data's DataLoader batches arrive contiguous (InMemoryLoader's already are, which costs nothing)."""
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scaler, autocast, progress,
                     device, group=None, after_step: Callable[[], None] | None = None) -> dict:
     """One epoch of SGD. Loss, accuracy and images/s are the network's: summed over its replicas
@@ -73,9 +93,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, per_iter, scal
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
+    channels_last = is_channels_last(model)
     with collectives() if group is not None else contextlib.nullcontext():
         for images, labels in progress(loader):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = to_device(images, labels, device, channels_last)
             with autocast():
                 outputs = model(images)
                 loss = loss_fn(outputs, labels, images)
@@ -119,8 +140,9 @@ def evaluate(model, loader, autocast, device) -> tuple[dict, torch.Tensor, torch
     labels."""
     model.eval()
     probs, labels_all, loss_sum = [], [], torch.zeros((), device=device)
+    channels_last = is_channels_last(model)
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = to_device(images, labels, device, channels_last)
         with autocast():
             outputs = model(images).float()
         loss_sum += F.cross_entropy(outputs, labels, reduction="sum")  # no host sync per batch

@@ -20,6 +20,7 @@ import yaml
 from .cli import say_error
 from .config import upgrade_grafting
 from .report import MetricsLog
+from .stats import mean_std
 
 
 class PlotError(ValueError):
@@ -256,9 +257,21 @@ def _over_networks(values: np.ndarray, reduce) -> np.ndarray:
     return out
 
 
+def accuracy_over_networks(run: Run) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(mean, std) over networks of each network's final accuracy (its last epoch) and of its
+    best (at its own best epoch): the figures of summary.json, with its sample std."""
+    finals, bests = [], []
+    for acc in run.acc:
+        acc = acc[~np.isnan(acc)]
+        if acc.size:
+            finals.append(float(acc[-1]))
+            bests.append(float(acc.max()))
+    return mean_std(finals), mean_std(bests)
+
+
 def draw_comparison(runs: list[Run], path: str | Path) -> Path:
     """Several runs on common axes: mean accuracy over networks (band: min to max), ensemble,
-    learning rate, invalid filters, peer distance, and a table of final accuracies."""
+    learning rate, invalid filters, peer distance, and a table of summary.json's accuracies."""
     fig = _figure(18, 9)
     fig.suptitle("graft-report: " + ", ".join(r.name for r in runs))
     (acc, ens, lr), (inv, dist, table) = fig.subplots(2, 3)
@@ -278,10 +291,9 @@ def draw_comparison(runs: list[Run], path: str | Path) -> Path:
             dist.plot(run.epochs, _over_networks(run.mean_peer_distance, np.nanmean), "o-", ms=3, color=color,
                       label=label)
             distances.append(run.mean_peer_distance)
-        final = run.acc[:, -1]
-        rows.append([label[-40:], run.split_name, str(run.networks),
-                     f"{np.nanmean(final):.2f} ± {np.nanstd(final):.2f}", f"{np.nanmax(run.acc):.2f}",
-                     f"{run.ensemble_acc[-1]:.2f}"])
+        (final_mean, final_std), (best_mean, best_std) = accuracy_over_networks(run)
+        rows.append([label[-40:], run.split_name, str(run.networks), f"{final_mean:.2f} ± {final_std:.2f}",
+                     f"{best_mean:.2f} ± {best_std:.2f}", f"{run.ensemble_acc[-1]:.2f}"])
     splits = sorted({run.split_name for run in runs})
     _style(acc, f"{' / '.join(splits)} accuracy, mean of networks (band: min to max)", "%")
     _style(ens, f"ensemble {' / '.join(splits)} accuracy", "%")
@@ -292,8 +304,10 @@ def draw_comparison(runs: list[Run], path: str | Path) -> Path:
     _distance_axis(dist, np.concatenate([d.ravel() for d in distances]) if distances else np.array([math.nan]),
                    any(run.grafted for run in runs))
     table.axis("off")
-    table.set_title("final epoch")
-    table.table(cellText=rows, colLabels=["run", "split", "networks", "final acc", "best acc", "ensemble"],
+    table.set_title("accuracy, %: mean ± sample std over networks (as summary.json)\n"
+                    "best: each network at its own best epoch")
+    table.table(cellText=rows, colLabels=["run", "split", "networks", "final, mean ± std", "best, mean ± std",
+                                          "ensemble final"],
                 loc="upper center", cellLoc="left").auto_set_font_size(True)
     fig.savefig(path, dpi=110)
     return Path(path)

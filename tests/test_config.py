@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from graft.config import Config, ConfigError, load_config
+from graft.config import Config, ConfigError, _get, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,3 +238,36 @@ def test_a_rule_sets_its_keys_and_refuses_a_contradiction(tmp_path):
 def test_an_older_key_that_changes_nothing_does_not_fight_a_rule(tmp_path):
     path = write(tmp_path, "grafting:\n  rule: papa\n")
     assert load_config(path, ["grafting.level=layer", "grafting.compat=default"]).grafting.criterion == "constant"
+
+
+@pytest.mark.parametrize("override,read", [("output_dir=2024_01", "202401"), ("data.cache_dir=0755", "493"),
+                                           ("output_dir=1.10", "1.1"), ("device=on", "True")])
+def test_a_text_setting_given_a_number_is_refused_not_changed(override, read):
+    """``output_dir=2024_01`` once trained into runs/202401: YAML reads the bare value as a number
+    and str() of it is not what was written."""
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^command line: {key}: expected text, got the \w+ {read} .*"
+                                          rf"quote the value as written: \"{key}='...'\""):
+        load_config(None, [override])
+    if key != "device":  # quoted, the text is kept as written
+        cfg = load_config(None, [f"{key}='{override.partition('=')[2]}'"])
+        assert _get(cfg, key) == override.partition("=")[2]
+
+
+def test_a_text_setting_in_a_file_given_a_number_names_the_file(tmp_path):
+    path = write(tmp_path, "output_dir: 2024_01\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: output_dir: expected text, got the number 202401 .*"
+                                          r"output_dir: '...'$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"c.yaml: distill.teachers\[0\]: expected text, got the number 12"):
+        load_config(write(tmp_path, "distill:\n  teachers: [12]\n"))
+    assert load_config(write(tmp_path, "output_dir: '2024_01'\n")).output_dir == "2024_01"
+
+
+def test_an_empty_mapping_for_a_section_is_refused():
+    """``optim={}`` once reset the whole section to its defaults (lr 0.05 back to 0.1), though a
+    mapping sets only the keys it names."""
+    with pytest.raises(ConfigError, match=r"^command line: optim=\{\}: an empty mapping sets no key of the section"):
+        load_config(None, ["optim.lr=0.05", "optim={}"])
+    with pytest.raises(ConfigError, match=r"^command line: model: expected str, got \{\}"):  # not a section
+        load_config(None, ["model={}"])

@@ -137,3 +137,32 @@ def test_report_of_a_real_run(tmp_path):
     first, second = run.peer_distance[:, :, 0], run.peer_distance[:, :, 1]
     assert (first > 0.5).all() and (second < first).all()
     assert plot.main([str(out)]) == 0 and (out / "report.png").stat().st_size > 10_000
+
+
+def test_the_comparison_table_gives_summary_json_figures(tmp_path, monkeypatch):
+    """Networks at 90 and 92 at the end once read ± 1.00 (population std) where summary.json says
+    1.41 (sample std), and "best acc" was the single best network at its best epoch (92), not the
+    mean of each network's best (91.5)."""
+    from graft.report import MetricsLog, summarize
+
+    accs = {0: [50.0, 91.0, 90.0], 1: [60.0, 88.0, 92.0]}
+    for name in ("a", "b"):
+        records = write_run(tmp_path / name)
+        for r in records:
+            r["test_acc"] = accs[r["network"]][r["epoch"]]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = summarize(MetricsLog(tmp_path / "a" / "metrics.jsonl").read())
+    run = plot.load_run(tmp_path / "a")
+    (final, final_std), (best, best_std) = plot.accuracy_over_networks(run)
+    assert (final, final_std, best, best_std) == pytest.approx(
+        (summary["final_acc_mean"], summary["final_acc_std"], summary["best_acc_mean"], summary["best_acc_std"]))
+    assert (final, best) == (91.0, 91.5) and final_std == pytest.approx(2 ** 0.5)
+
+    figures = []
+    make = plot._figure
+    monkeypatch.setattr(plot, "_figure", lambda *size: figures.append(make(*size)) or figures[-1])
+    plot.draw_comparison([run, plot.load_run(tmp_path / "b")], tmp_path / "compare.png")
+    (table,) = [t for ax in figures[0].axes for t in ax.tables]
+    cells = {(r, c): cell.get_text().get_text() for (r, c), cell in table.get_celld().items()}
+    assert (cells[0, 3], cells[0, 4]) == ("final, mean ± std", "best, mean ± std")
+    assert (cells[1, 3], cells[1, 4]) == ("91.00 ± 1.41", "91.50 ± 0.71")

@@ -20,8 +20,9 @@ class Arm:
     networks: int = 2             # networks; --nproc_per_node is this times the config's data_parallel
     config: str = ""              # this arm's own base config ("" = the plan's)
     overrides: list[str] = field(default_factory=list)
-    nproc: int = 0                # set from the resolved config, not in plans
-    setup: dict = field(default_factory=dict)  # the same: what its runs must train with (cfg.setup and epochs)
+    # Set by load_plan from the resolved config; init=False keeps them out of the keys a plan may give.
+    nproc: int = field(default=0, init=False)
+    setup: dict = field(default_factory=dict, init=False)  # what its runs must train with (cfg.setup and epochs)
 
 
 @dataclass
