@@ -89,7 +89,6 @@ class Topology:
     leader_group: object = None    # replica 0 of every network; None on the other replicas
     store: object = None           # for check-ins (``arrive``)
     nccl_cuda: bool = False        # the groups carry CUDA tensors over NCCL (else through host memory)
-    grafters: int = 0              # Grafters created on these processes (each checks in with keys of its own)
 
     @property
     def networks(self) -> int:

@@ -245,14 +245,7 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
         layouts = all_gather_objects(topo, shapes)                               # leaders
         message = (f"{_hold(other)} a model with other keys, shapes or dtypes than network 0's "
                    f"({layout_difference(layouts[0], layouts[other[0]], other[0])}); grafting needs one architecture")
-    elif other := _differing(heads, 2):
-        message = (f"{_hold(other)} other layers to graft than network 0 (another plan: a model with other module "
-                   "types?)")
-    elif other := _differing(heads, 4):
-        modes = all_gather_objects(topo, transport)                              # leaders
-        message = (f"{_hold(other)} another exchange than network 0 (grafting.exchange: {modes[0]!r} in network 0, "
-                   f"{modes[other[0]]!r} in network {other[0]})")
-    elif _differing(heads, 3):
+    elif _differing(heads, 3):  # before the plan, which the criterion shapes (reference groups otherwise)
         settings = all_gather_objects(topo, spec.settings())                     # leaders
         for k, theirs in enumerate(settings[1:], start=1):
             diff = rules.differences(settings[0], theirs, "in network 0", f"in network {k}")
@@ -260,6 +253,13 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
                 message = (f"network {k} grafts with other settings than network 0 ({'; '.join(diff)}); every "
                            "network must graft with the same settings")
                 break
+    elif other := _differing(heads, 4):
+        modes = all_gather_objects(topo, transport)                              # leaders
+        message = (f"{_hold(other)} another exchange than network 0 (grafting.exchange: {modes[0]!r} in network 0, "
+                   f"{modes[other[0]]!r} in network {other[0]})")
+    elif other := _differing(heads, 2):
+        message = (f"{_hold(other)} other layers to graft than network 0 (another plan: a model with other module "
+                   "types?)")
     if message is None:
         return None
     error = GraftError(f"{when}: {message}")

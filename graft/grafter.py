@@ -14,6 +14,7 @@ network; with ``data_parallel=G`` each network is G processes, and DDP must be g
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -66,6 +67,9 @@ def load_blended(model: nn.Module, state: dict, new_state: dict) -> None:
     new_state = OrderedDict(new_state)
     new_state._metadata = getattr(state, "_metadata", None)
     model.load_state_dict(new_state)
+
+
+_CREATED = itertools.count(1)  # Grafters made in this process; every rank makes them in one order
 
 
 def current_topology(data_parallel: int = 1, timeout: float = 300.0) -> gdist.Topology:
@@ -121,9 +125,9 @@ class Grafter:
         self.epoch = -1       # the last epoch graft() was called for
         self.grafted = False  # whether that epoch's graft was done (False: skipped as the run's last, or none)
         # Check-in keys of its own: a second Grafter on the same processes (a second training
-        # phase) must not pass its check-ins on the first one's keys.
-        self.topology.grafters += 1
-        self._scope = "" if self.topology.grafters == 1 else f"grafter{self.topology.grafters}/"
+        # phase) must not pass its check-ins on the first one's keys. Counted per process, not per
+        # Topology: under plain torchrun each Grafter builds a Topology of its own on one store.
+        self._scope = "" if (n := next(_CREATED)) == 1 else f"grafter{n}/"
         self._warned: set[str] = set()
         self._plans: dict[int, tuple] = {}
 
@@ -141,12 +145,14 @@ class Grafter:
                 raise GraftError(f"Grafter: {e}") from None
         return cached[1]
 
-    def graft(self, model: nn.Module, *, epoch: int | None = None) -> GraftResult | None:
+    def graft(self, model: nn.Module, *, epoch: int | None = None, last: bool = False) -> GraftResult | None:
         """At an epoch's end: blend ``model``'s weights in place with its partner's; returns what
         was done, or None when nothing was (the last epoch of ``epochs``, a world of one).
 
         Collective: every rank calls it at the same point. ``epoch`` (counted from 0; messages
-        count from 1, as graft's log does) defaults to the number of calls so far. Accepts
+        count from 1, as graft's log does) defaults to the number of calls so far. ``last``: the
+        run ends after this epoch although ``epochs`` does not say so (a run bounded by steps):
+        no graft, as after the last of ``epochs``, and a resumed longer run owes it. Accepts
         DDP-wrapped and torch.compile'd modules. Raises
         GraftError on every rank, weights untouched, when some network holds NaN/Inf, another
         architecture or other settings, and PeerTimeout naming the ranks that do not arrive
@@ -161,7 +167,7 @@ class Grafter:
             self._warn_once("past", f"Grafter: graft after epoch {epoch + 1} of a run of epochs={self.epochs}: nothing "
                             "grafted. Give the Grafter the run's real length (timm's cooldown epochs count too), "
                             "and graft(model, epoch=epoch) after a resume that did not restore its state")
-        if self.epochs is not None and epoch >= self.epochs - 1:  # the last epoch's weights are the result
+        if last or (self.epochs is not None and epoch >= self.epochs - 1):  # the last epoch's weights are the result
             self.grafted = False
             return None
         self.grafted = True

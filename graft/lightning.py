@@ -5,7 +5,8 @@
 Run the script under ``graft-run --nproc_per_node=N SCRIPT.py``: each network is then a Trainer
 of its own (with ``--data-parallel G``, its own DDP over G processes, ``devices=G``), and the
 callback grafts at the end of each training epoch, after that epoch's validation (the paper
-evaluates before grafting), never after the last epoch. Its state goes into Lightning's
+evaluates before grafting), never after the last epoch (of ``max_epochs``, or the one in which
+``max_steps`` runs out). Its state goes into Lightning's
 checkpoints, and a run resumed from one (``ckpt_path=...``) grafts as an uninterrupted one
 would, including a graft its checkpoint was written before.
 """
@@ -55,7 +56,10 @@ class GraftCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.spec.per_step:
-            self.grafter.graft(pl_module, epoch=trainer.current_epoch)
+            # A run bounded by max_steps ends with this epoch when the steps are used up (a partial
+            # epoch; max_epochs is then -1 and the Grafter knows no length).
+            last = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+            self.grafter.graft(pl_module, epoch=trainer.current_epoch, last=last)
 
     def state_dict(self) -> dict:
         return self.grafter.state_dict() if self.grafter is not None else {}

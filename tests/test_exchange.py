@@ -82,9 +82,10 @@ def test_population_partner_blends_toward_the_mean_of_every_network(tmp_path, np
         assert out["bytes"] == 2 * model_bytes
 
 
-@pytest.mark.parametrize("differ, named", [("1", "A: "), ("bins:50", "bins: "), ("criterion:l1", "criterion: ")])
+@pytest.mark.parametrize("differ, named", [("1", "A: "), ("bins:50", "bins: "), ("criterion:l1", "criterion: "),
+                                           ("criterion:reference", "criterion: ")])  # another plan too
 def test_networks_with_other_settings_are_refused_naming_the_setting(tmp_path, differ, named):
-    proc = torchrun(2, WORKER, tmp_path, 1, "auto", f"differ={differ}")
+    proc = torchrun(2, WORKER, tmp_path, 1, "auto", f"differ={differ}", "named")
     assert proc.returncode != 0
     errors = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["error"] for r in range(2)]
     assert errors[0] == errors[1], errors  # worded from what both gathered: one line, said once

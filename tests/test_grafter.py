@@ -164,6 +164,11 @@ def test_the_last_epoch_is_not_grafted_and_an_extended_run_grafts_it_late(monkey
     assert fresh.resume(model, epoch=1) == "owed" and calls[-1] == "epoch 2" and fresh.resume(model, epoch=1) is None
     with pytest.raises(GraftError, match=r"other settings \(A: 0.3 here, 0.4 there"):
         graft.Grafter(A=0.3).load_state_dict(state)
+    # A run bounded by steps, not epochs: graft(last=True) skips, and a resumed longer run owes it.
+    steps = graft.Grafter()
+    monkeypatch.setattr(steps, "_graft", lambda model, when: calls.append(when) or "done")
+    assert steps.graft(model) == "done" and steps.graft(model, last=True) is None and calls[-1] == "epoch 1"
+    assert steps.resume(model) == "done" and calls[-1] == "epoch 2"
 
 
 # ------------------------------------------------------------------------------ under torchrun

@@ -42,6 +42,16 @@ def test_the_callback_grafts_after_validation_and_not_after_the_last_epoch(tmp_p
         assert all(torch.equal(after[2][x], before[2][x]) for x in before[2])  # the last epoch: no graft
 
 
+def test_a_run_bounded_by_max_steps_is_not_grafted_after_its_last_partial_epoch(tmp_path):
+    logs = run(tmp_path, "steps", "steps=9")  # 6 steps per epoch: epoch 2 ends after 3 of them
+    for log in logs:
+        assert [entry[:2] for entry in log["log"] if entry[0] == "after"] == [("after", 0), ("after", 1)]
+        before, after = ({e: s for what, e, *rest in log["log"] if what == w for s in rest}
+                         for w in ("before", "after"))
+        assert any(not torch.equal(after[0][x], before[0][x]) for x in before[0])  # epoch 1: grafted
+        assert all(torch.equal(after[1][x], before[1][x]) for x in before[1])  # the last, partial epoch: not
+
+
 def test_a_run_resumed_from_lightnings_checkpoint_grafts_as_an_uninterrupted_one(tmp_path):
     """Lightning's checkpoint is written after validation, before the epoch's graft: the resumed
     run does that graft first, and ends with the weights of a run never stopped."""

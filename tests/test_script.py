@@ -11,7 +11,7 @@ import torch
 
 from graft import core
 from graft.rules import graft_state_dict
-from helpers import ROOT, env
+from helpers import ROOT, env, torchrun
 from workers.own_script import make_model
 
 SCRIPT = ROOT / "tests" / "workers" / "own_script.py"
@@ -121,3 +121,10 @@ def test_a_second_grafter_in_the_same_script_grafts_too(tmp_path):
     found = re.findall(r"network (\d) phase (\d) distance (\d\.\d+)", proc.stdout)
     assert sorted(f[:2] for f in found) == sorted((str(k), str(p)) for k in (0, 1) for p in (1, 2) for _ in range(2))
     assert all(float(f[2]) > 0 for f in found)
+
+
+def test_a_second_grafter_under_plain_torchrun_checks_in_on_keys_of_its_own():
+    """Each Grafter there builds a Topology of its own on the one store: the second one's first
+    check-in must not pass on the first one's keys while network 1 is gone."""
+    proc = torchrun(2, ROOT / "tests" / "workers" / "two_grafters.py", "absent", timeout=120)
+    assert "network 0 phase 2: rank 0: network 1 (rank 1) did not arrive" in proc.stdout, proc.stderr[-3000:]

@@ -1,15 +1,17 @@
 """Run under torchrun by tests/test_exchange.py: one graft step on a tiny model, states saved.
 
     torchrun --standalone --nproc_per_node=N tests/workers/exchange_worker.py OUT_DIR [replicas] [exchange] \
-        [setting=value ...] [nan]
+        [setting=value ...] [nan] [named]
 
 The settings make the GraftSpec (criterion=bn_scale, partner=population, ...); ``nan`` puts a
-NaN into network 1 before the graft. GRAFT_WORKER_BACKEND and GRAFT_WORKER_DEVICE (default gloo,
+NaN into network 1 before the graft; ``named`` names the layers conv1, bn1, ... (for the
+reference criterion). GRAFT_WORKER_BACKEND and GRAFT_WORKER_DEVICE (default gloo,
 cpu) put the ring elsewhere, e.g. nccl and cuda (tests/test_cuda.py). States are saved on the CPU.
 """
 
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,9 +23,12 @@ from graft.errors import GraftError
 from graft.rules import GraftSpec
 
 
-def tiny_model() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.Flatten(), nn.LazyLinear(3))
+def tiny_model(named: bool = False) -> nn.Module:
+    layers = [nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6),
+              nn.Flatten(), nn.LazyLinear(3)]
+    if named:  # key names the official code's plan (criterion=reference) can group
+        return nn.Sequential(OrderedDict(zip(("conv1", "bn1", "relu", "conv2", "bn2", "flatten", "fc"), layers)))
+    return nn.Sequential(*layers)
 
 
 def on_cpu(state: dict) -> dict:
@@ -48,7 +53,7 @@ def main():
             settings[key] = value
     spec = GraftSpec.make(**{k: yaml.safe_load(v) for k, v in settings.items()})
     torch.manual_seed(100 + topo.network)  # replicas of a network share the seed
-    model = tiny_model()
+    model = tiny_model(named="named" in rest)
     model(torch.randn(2, 3, 8, 8))
     with torch.no_grad():
         for m in model.modules():

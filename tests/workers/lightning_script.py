@@ -1,6 +1,7 @@
 """A Lightning script with graft's callback, run by tests/test_lightning.py under graft-run.
 
-    graft-run --standalone --nproc_per_node=2 tests/workers/lightning_script.py OUT/net{network} SEED EPOCHS [CKPT]
+    graft-run --standalone --nproc_per_node=2 tests/workers/lightning_script.py OUT/net{network} SEED \
+        EPOCHS|steps=K [CKPT]
 
 Each network is a Trainer of its own. Two recording callbacks, listed around GraftCallback,
 keep the weights before and after every graft; the module logs its validation and epoch ends.
@@ -61,11 +62,15 @@ def data(seed):
 
 
 def main():
-    out, seed, epochs = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    out, seed, epochs = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    # EPOCHS, or steps=K: a run bounded by optimizer steps (6 per epoch here), max_epochs unset
+    steps = int(epochs.removeprefix("steps=")) if epochs.startswith("steps=") else -1
+    epochs = -1 if steps != -1 else int(epochs)
     ckpt = sys.argv[4] if len(sys.argv) > 4 else None
     pl.seed_everything(seed)
     module = Module(out)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_epochs=epochs, max_steps=steps,
+                         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(out), num_sanity_val_steps=0,
                          callbacks=[Recorder(module, "before"), GraftCallback(timeout=60), Recorder(module, "after"),
                                     pl.callbacks.ModelCheckpoint(dirpath=str(out), save_last=True)])
