@@ -108,7 +108,7 @@ def _as_float(t: Tensor) -> Tensor:
 def filter_entropy(tensor: Tensor, bins: int = 10) -> Tensor:
     """Entropy of each output filter (each slice along dim 0) of a weight tensor."""
     _check_bins(bins)
-    rows = _as_float(tensor).reshape(tensor.shape[0], -1)
+    rows = _as_float(tensor).reshape(tensor.shape[0], math.prod(tensor.shape[1:]))  # -1 fails with 0 filters
     f, k = rows.shape
     if k == 0:  # no values: entropy 0, like a constant
         return torch.zeros(f, dtype=rows.dtype, device=rows.device)
@@ -424,11 +424,12 @@ def plan_l1_norms(state: Mapping[str, Tensor], plan: GraftPlan) -> Tensor:
 def peer_distances(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], layers: Sequence[str]) -> Tensor:
     """How far the peer is from one's own weights, per layer: ||W_peer - W_self|| / ||W_self||
     (L2 over the tensor that defines the layer; 0 when both are zero, inf when only own is).
-    This is the networks' diversity, which grafting feeds on. float64, on the state's device."""
+    This is the networks' diversity, which grafting feeds on. Computed in float32, or float64 for
+    float64 weights (whose differences float32 can round to 0); float64, on the state's device."""
     if not layers:
         return torch.zeros(0, dtype=torch.float64)
-    diff = torch.stack([torch.linalg.vector_norm(peer[k].float() - own[k].float()) for k in layers]).double()
-    norm = torch.stack([torch.linalg.vector_norm(own[k].float()) for k in layers]).double()
+    diff = torch.stack([torch.linalg.vector_norm(_as_float(peer[k]) - _as_float(own[k])) for k in layers]).double()
+    norm = torch.stack([torch.linalg.vector_norm(_as_float(own[k])) for k in layers]).double()
     return torch.where(norm > 0, diff / norm, torch.where(diff > 0, math.inf, 0.0))
 
 

@@ -349,8 +349,9 @@ def arrive(topo: Topology, tag: str, timeout: float | None = None, scope: str = 
             elsewhere = _waiting_elsewhere(topo, store, tag, missing)
             if elsewhere:
                 raise PeerTimeout(f"rank {topo.rank}: network {topo.network} waits at {tag}, {elsewhere}: they "
-                                  "started from different points (resumed from different epochs, or a graft "
-                                  "skipped on one of them) and would wait for each other forever")
+                                  "started from different points (resumed from different epochs, a graft "
+                                  "skipped on one of them, or another grafting.every_steps) and would wait for "
+                                  "each other forever")
             if waited >= timeout:
                 break
             time.sleep(min(0.1, 0.001 + waited / 10, timeout - waited))  # late by at most 10% of the wait
@@ -402,11 +403,16 @@ def gather_rows(topo: Topology, row: Tensor) -> Tensor:
 
 def all_gather_objects(topo: Topology, obj, leaders_only: bool = True) -> list:
     """A picklable object from every network's leader (or every rank), in rank order. Goes
-    through tensors (a pickle's bytes, padded to the longest), so it works on any of graft's
-    groups, those graft-run builds apart included."""
+    through tensors (a pickle's bytes, padded to the longest), so the leaders' gather works on
+    any of graft's groups, those graft-run builds apart included. Every rank's goes through the
+    default group, which spans graft's world only outside graft-run SCRIPT (there it is the
+    script's own, if any): refused there."""
     size = topo.networks if leaders_only else topo.world
     if not topo.distributed or size == 1:
         return [obj]
+    if not leaders_only and topo is _LAUNCHED:
+        raise RuntimeError("all_gather_objects(leaders_only=False) under graft-run SCRIPT: the default process "
+                           "group is the script's, not graft's world")
     group = topo.leader_group if leaders_only else None
     device = topo.comm_device(topo.device)
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)

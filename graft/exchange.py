@@ -15,7 +15,6 @@ Per graft:
 
 from __future__ import annotations
 
-import logging
 import time
 import zlib
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ from torch import Tensor
 from . import core, rules
 from .dist import Topology, all_gather_objects, arrive, collectives, gather_rows
 from .errors import GraftError
-
-logger = logging.getLogger(__name__)
 
 EXCHANGES = ("auto", "ring", "all_gather")
 

@@ -240,11 +240,7 @@ class GraftSpec:
                             f"{', '.join(f.name for f in dataclasses.fields(cls))})")
         if rule not in PRESETS and rule != "":
             raise SpecError(f"rule: must be one of {', '.join(PRESETS)} (or '' for none); got {rule!r}")
-        for key, value in PRESETS.get(rule, {}).items():
-            if key in given and given[key] != value:
-                raise SpecError(f"{key}: rule {rule} sets {key}={value!r}; got {given[key]!r} "
-                                "(leave it out, or drop the rule)")
-        return cls(**{**given, **PRESETS.get(rule, {}), "rule": rule})
+        return cls(**{**PRESETS.get(rule, {}), **given, "rule": rule})  # a setting against the rule: __post_init__
 
     @property
     def criterion_rule(self) -> Criterion:
@@ -328,7 +324,6 @@ class GraftReport:
 
     spec: GraftSpec
     layers: list[LayerRecord]
-    follows: dict[str, str]
     fallbacks: list[str] = field(default_factory=list)  # bn_scale: convs without a BN after them
 
     def mean_alpha(self) -> float:
@@ -356,7 +351,7 @@ def blend_with_scores(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], pla
     new, alphas, fallbacks = spec.criterion_rule.blend(own, peer, plan, s_self, s_peer, spec)
     distances = core.peer_distances(own, peer, plan.layers).tolist()
     layers = [LayerRecord(*r) for r in zip(plan.layers, s_self.tolist(), s_peer.tolist(), alphas, distances)]
-    return new, GraftReport(spec, layers, dict(plan.follows), list(fallbacks))
+    return new, GraftReport(spec, layers, list(fallbacks))
 
 
 def graft_state_dict(own: Mapping[str, Tensor], peer: Mapping[str, Tensor], spec: GraftSpec | None = None,

@@ -100,6 +100,7 @@ def test_entropy_of_constant_or_empty_is_zero():
     assert mixed.tolist() == [pytest.approx(math.log(2)), 0.0]
     assert reference_entropy(torch.full((3, 3), 0.7)) == 0.0
     assert filter_entropy(torch.ones(4, 2, 3, 3)).tolist() == [0.0] * 4
+    assert filter_entropy(torch.ones(0, 2, 3, 3)).shape == (0,)  # no filters: no entropies, no error
 
 
 def test_maximum_is_counted():
@@ -261,6 +262,9 @@ def test_peer_distance_is_the_difference_relative_to_ones_own_weights():
         assert r.peer_distance == pytest.approx(((b[r.layer] - a[r.layer]).norm() / a[r.layer].norm()).item())
     distances = [r.peer_distance for r in report.layers]
     assert report.mean_peer_distance() == pytest.approx(sum(distances) / len(distances))
+    # float64 weights are compared in float64: a difference float32 rounds away still counts.
+    w = {"a": torch.ones(3, dtype=torch.float64)}
+    assert peer_distances(w, {"a": w["a"] + 1e-12}, ["a"]).item() == pytest.approx(1e-12, rel=1e-3, abs=0)
 
 
 def test_reference_mode_matches_official_restatement():

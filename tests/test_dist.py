@@ -141,7 +141,7 @@ def test_together_fails_on_every_rank_alike_naming_the_ranks_that_failed(monkeyp
     assert done and not gathered
 
 
-def test_object_gather_and_check_in_on_a_group_of_one():
+def test_object_gather_and_check_in_on_a_group_of_one(monkeypatch):
     """all_gather_objects goes through tensors (it works on graft-run's own gloo groups too)."""
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=10))
@@ -149,6 +149,11 @@ def test_object_gather_and_check_in_on_a_group_of_one():
         topo = gdist.Topology(rank=0, world=2, replicas=2, store=store, leader_group=dist.group.WORLD)
         assert topo.networks == 1
         assert gdist.all_gather_objects(topo, {"a": [1, 2.5, None]}, leaders_only=True) == [{"a": [1, 2.5, None]}]
+        # Every rank's gather goes through the default group: under graft-run SCRIPT that is the
+        # script's, not graft's world.
+        monkeypatch.setattr(gdist, "_LAUNCHED", topo)
+        with pytest.raises(RuntimeError, match="under graft-run SCRIPT"):
+            gdist.all_gather_objects(topo, 1, leaders_only=False)
     finally:
         dist.destroy_process_group()
 
@@ -161,7 +166,8 @@ def test_a_peer_waiting_at_another_point_is_named_at_once():
     store.set("waiting/1", "epoch 1 graft")  # network 1 waits at epoch 1's graft
     topo = gdist.Topology(rank=0, world=2, store=store, timeout=60)
     with pytest.raises(PeerTimeout, match=r"^rank 0: network 0 waits at epoch 2 graft, network 1 \(rank 1\) at "
-                                          r"epoch 1 graft: they started from different points"):
+                                          r"epoch 1 graft: they started from different points \(.*"
+                                          r"another grafting.every_steps\)"):
         gdist.arrive(topo, "epoch 2 graft")
     # A peer still at a point this rank passed is only slower: waited for, then named at the timeout.
     store.set("arrive/epoch 1 graft/0", "1")
