@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import re
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .config import setup_differences
-from .errors import CheckpointError, disk_problem
+from .errors import CheckpointError, DamagedCheckpoint, UserError, disk_problem
 from .records import EpochRecord
 
 FORMAT = "graft-checkpoint/2"
@@ -158,30 +159,73 @@ def _numpy_rng_types() -> list:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+# What torch.load raises on damaged bytes in memory (found by cutting and flipping bytes of saved
+# files). Anything else (a signal's Stop, MemoryError) says nothing about the file.
+DAMAGED = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, LookupError, TypeError, AttributeError,
+           AssertionError, struct.error)
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint as weights only, or raise CheckpointError naming the file: truncated,
-    corrupt, foreign, or holding anything whose loading would run code."""
+    """Load a checkpoint as weights only, or raise DamagedCheckpoint naming the file (truncated,
+    corrupt, foreign, or holding anything whose loading would run code), CheckpointError naming
+    it when it cannot be read (missing, no permission, an I/O error: nothing about its bytes).
+    A stop, MemoryError and the like go through unchanged.
+
+    The bytes are read first and parsed from memory: an OSError is then the file system's, never
+    a seek that damaged bytes sent astray."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
     try:
         with torch.serialization.safe_globals(_numpy_rng_types()):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except UserError:  # a signal's Stop, raised while parsing
+        raise
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
         if found is None:  # not a call of code: bytes that are no pickle torch wrote ("Unsupported operand 103")
             why = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", str(e))
-            raise CheckpointError(f"{path}: unreadable checkpoint (not a file torch.save wrote: "
-                                  f"{why.group(1) if why else type(e).__name__})") from None
-        raise CheckpointError(f"{path}: refused: loading it would run code ({found.group(1)}); graft reads checkpoints "
-                              "as weights only") from None
-    except Exception as e:  # torch raises many types for a damaged file
+            raise DamagedCheckpoint(f"{path}: unreadable checkpoint (not a file torch.save wrote: "
+                                    f"{why.group(1) if why else type(e).__name__})") from None
+        raise DamagedCheckpoint(f"{path}: refused: loading it would run code ({found.group(1)}); graft reads "
+                                "checkpoints as weights only") from None
+    except DAMAGED as e:
         # Its first sentence: torch's zip reader appends a paragraph on how files get corrupted.
         why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None
+        raise DamagedCheckpoint(f"{path}: unreadable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(obj, dict) or obj.get("format") not in FORMATS:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{path}: not a graft checkpoint (format {found!r})")
+        raise DamagedCheckpoint(f"{path}: not a graft checkpoint (format {found!r})")
     if not isinstance(obj.get("model"), dict):
-        raise CheckpointError(f"{path}: a graft checkpoint without model weights")
+        raise DamagedCheckpoint(f"{path}: a graft checkpoint without model weights")
     return obj
+
+
+# What ``ResumePoint.load_state_dict`` cannot do without (the rest has defaults).
+RESUME_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng")
+
+
+def load_epoch(path: Path, network: int, epoch: int) -> dict:
+    """Network ``network``'s resume point after ``epoch``, as ``load`` reads it. A file that is
+    intact but misplaced (best.pt or a teacher under an epoch file's name, another network's
+    file, another epoch's) is refused with CheckpointError, not skipped as damaged: skipping
+    it would remove the files after it."""
+    saved = load(path)
+    if saved.get("network", network) != network:  # recorded since the first format
+        raise CheckpointError(f"{path}: holds network {saved['network']}'s resume point, but lies in network "
+                              f"{network}'s folder: files copied between checkpoints/net* folders? Put it back to "
+                              "resume; nothing was changed")
+    if saved.get("epoch", epoch) != epoch:  # the name's number says another epoch than the file
+        raise CheckpointError(
+            f"{path}: holds epoch {saved['epoch'] + 1}, but its name says epoch {epoch + 1}: files copied "
+            f"without their directory's {NUMBERING} file? (its presence: names count epochs from 1) "
+            "Restore it, or rename the files, to resume")
+    missing = [k for k in RESUME_KEYS if k not in saved]
+    if missing:
+        raise CheckpointError(f"{path}: not a resume point (no {', '.join(missing)}): best.pt or a teacher's weights "
+                              "under an epoch file's name? Move it away to resume; nothing was changed")
+    return saved
 
 
 def epoch_files(run_dir: str | Path, network: int) -> list[tuple[int, Path]]:
@@ -196,22 +240,16 @@ def epoch_files(run_dir: str | Path, network: int) -> list[tuple[int, Path]]:
 
 def newest_complete(run_dir: str | Path, network: int) -> tuple[int, dict | None, list[str]]:
     """The newest epoch whose checkpoint for ``network`` loads, that checkpoint (on the CPU), and
-    the files skipped and why. (-1, None, []) when there are none; CheckpointError when there are
-    some but none loads (starting over would overwrite best.pt and the metrics of that run)."""
+    the files skipped as damaged and why. (-1, None, []) when there are none; CheckpointError when
+    there are some but none loads (starting over would overwrite best.pt and the metrics of that
+    run), and when one cannot be read or is misplaced (``load_epoch``)."""
     skipped = []
     files = epoch_files(run_dir, network)
     for epoch, path in reversed(files):
         try:
-            saved = load(path)
-        except CheckpointError as e:
+            return epoch, load_epoch(path, network, epoch), skipped
+        except DamagedCheckpoint as e:
             skipped.append(str(e))
-            continue
-        if saved.get("epoch", epoch) != epoch:  # the name's number says another epoch than the file
-            raise CheckpointError(
-                f"{path}: holds epoch {saved['epoch'] + 1}, but its name says epoch {epoch + 1}: files copied "
-                f"without their directory's {NUMBERING} file? (its presence: names count epochs from 1) "
-                "Restore it, or rename the files, to resume")
-        return epoch, saved, skipped
     if files:
         raise CheckpointError(
             f"{network_dir(run_dir, network)}: none of the {len(files)} epoch checkpoint(s) loads "
@@ -224,7 +262,7 @@ def _saved_epoch(path: Path) -> int:
     """The epoch a best.pt holds; a damaged one is named, never taken for another epoch's."""
     try:
         return load(path)["epoch"]
-    except CheckpointError as e:
+    except DamagedCheckpoint as e:
         raise CheckpointError(f"{e}. It holds a network's best-validation weights, which no other file "
                               f"replaces: restore it, or move it away to go on without it (then {path.name} "
                               "starts again from the epochs trained from now on)") from None

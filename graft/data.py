@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .checkpoint import atomic_save
+from .checkpoint import DAMAGED, atomic_save
 from .errors import CheckpointError, DataError
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ def _load_tar(path: str, image_size: int, cache_dir: str) -> tuple[ArraySplit, A
     if os.path.isfile(cache):
         try:
             return _read_cache(cache, image_size)
-        except Exception:  # a damaged or foreign cache is rebuilt below rather than trusted
+        except (*DAMAGED, OSError):  # damaged, foreign or unreadable: rebuilt below (a stop goes through)
             pass
 
     # CIFAR-10's 60,000 JPEGs take about 10 s (a minute on a busy CPU): say what is going on.
@@ -431,10 +431,10 @@ class InMemoryLoader:
     mode keeps the stored order and does not augment. Call ``set_epoch`` before each epoch:
     the batches are then a pure function of (seed, epoch), which is what makes resume exact.
 
-    With ``group_size > 1`` the replicas of one network draw the same permutation and each
-    takes every ``group_size``-th entry from ``rank_in_group`` on, so they see disjoint data.
-    In train mode the permutation is cut to a multiple of ``group_size`` (every replica runs
-    the same number of steps); in eval mode nothing is dropped (replicas sum their counts).
+    With ``group_size > 1`` (train mode only: evaluation is never sharded) the replicas of one
+    network draw the same permutation, cut to a multiple of ``group_size`` (every replica runs
+    the same number of steps), and each takes every ``group_size``-th entry from
+    ``rank_in_group`` on, so they see disjoint data.
     ``batch_size`` is the per-replica batch. A last training batch of a single image is
     dropped (BatchNorm cannot train on one value per channel, e.g. torchvision models at 32 px).
     """
@@ -446,6 +446,8 @@ class InMemoryLoader:
                  rank_in_group: int = 0, group_size: int = 1):
         if not 0 <= rank_in_group < group_size:
             raise ValueError(f"rank_in_group must be in [0, {group_size}), got {rank_in_group}")
+        if group_size > 1 and not train:
+            raise ValueError("group_size: evaluation is never sharded (every replica evaluates the whole split)")
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -466,14 +468,8 @@ class InMemoryLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _num_local(self) -> int:
-        n = len(self.labels)
-        if self.train:
-            return n // self.group_size
-        return len(range(self.rank_in_group, n, self.group_size))
-
     def __len__(self) -> int:
-        n = self._num_local()
+        n = len(self.labels) // self.group_size
         if self.drop_last:
             return n // self.batch_size
         if self.train and n % self.batch_size == 1 and n > 1:
@@ -483,11 +479,10 @@ class InMemoryLoader:
     def indices(self) -> Tensor:
         """This replica's sample indices for the current epoch, in batch order (CPU)."""
         n = len(self.labels)
-        if self.train:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-            order = torch.randperm(n, generator=g)[: n // self.group_size * self.group_size]
-        else:
-            order = torch.arange(n)
+        if not self.train:
+            return torch.arange(n)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(n, generator=g)[: n // self.group_size * self.group_size]
         return order[self.rank_in_group :: self.group_size]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:

@@ -41,6 +41,12 @@ class CheckpointError(UserError, RuntimeError):
         self.os_error = os_error
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A file whose bytes are no usable checkpoint (truncated, corrupt, foreign, or code): a
+    resume may fall back to an older one. A file that cannot be read at all (missing, no
+    permission, an I/O error) says nothing about its bytes and is never skipped."""
+
+
 class OutputError(UserError):
     """A file of a run's or a study's outputs cannot be written (a full or read-only disk)."""
 

@@ -65,6 +65,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
     loaders = build_loaders(dataclasses.replace(cfg.data, workers=0), 1, cfg.eval_batch_size, seed=0,
                             device=dev, channels_last=cfg.channels_last, train=False)
     loader = loaders.eval if split == "val" else loaders.test
+    # num_classes 0 (every shipped config): from the data, as graft-train does.
+    cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or loaders.num_classes)
     model = build_model(cfg.model, cfg.num_classes).to(dev)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     try:

@@ -37,14 +37,19 @@ def fresh_output_dir(cfg: Config, topo: Topology) -> Config:
     return dataclasses.replace(cfg, output_dir=path)
 
 
-def resume(cfg: Config, topo: Topology, point: checkpoint.ResumePoint) -> list[EpochRecord]:
+def resume(cfg: Config, topo: Topology, point: checkpoint.ResumePoint, *, grafting: bool,
+           per_step: bool) -> list[EpochRecord]:
     """Load into ``point`` the newest epoch every network completed, and do the graft it owes
-    (a run extended past its old last epoch, which ended without one).
+    (a run extended past its old last epoch, which ended without one). ``grafting`` and
+    ``per_step`` are what ``train.setup`` decided (``Training``): whether this run grafts, and
+    whether every k steps.
 
     Returns that epoch's metrics records, one per network, on the leaders ([] elsewhere, and when
     there is nothing to resume): the run may have stopped between its checkpoints and its
-    metrics. Damaged epoch files are skipped with a warning naming them; epochs after the agreed
-    one are removed, and a best.pt saved by one of them is set aside. Collective: every rank.
+    metrics. Damaged epoch files are skipped with a warning naming them (one that cannot be read,
+    or is misplaced, stops the resume, and so does a stop while reading: nothing is changed);
+    epochs after the agreed one are removed, and a best.pt saved by one of them is set aside.
+    Collective: every rank.
     """
     run_dir = Path(cfg.output_dir)
     with together(topo, "resume"):  # damaged or foreign files of one network   # collective: every rank
@@ -57,12 +62,12 @@ def resume(cfg: Config, topo: Topology, point: checkpoint.ResumePoint) -> list[E
         if not path.exists():
             raise checkpoint.CheckpointError(f"{path}: missing, but epoch {agreed + 1} is the newest that every "
                                              "network completed; cannot resume consistently")
-        point.load_state_dict(saved if agreed == newest else checkpoint.load(path))
+        point.load_state_dict(saved if agreed == newest else checkpoint.load_epoch(path, topo.network, agreed))
     if len(set(all_gather_objects(topo, point.grafted, leaders_only=False))) > 1:  # collective: every rank
         raise _everywhere(checkpoint.CheckpointError(
             f"{run_dir}: the networks' checkpoints of epoch {agreed + 1} disagree on whether it was grafted (files "
             "of two different runs?); cannot resume consistently"))
-    if point.grafted and agreed == cfg.epochs - 1 and not point.grafter.spec.per_step:
+    if point.grafted and agreed == cfg.epochs - 1 and not per_step:
         # A run planned for more epochs grafted after this one: ending here would report weights
         # that no epoch evaluated as the final ones.
         raise ConfigError(f"epochs: {cfg.epochs} would end the run in {run_dir} on epoch {agreed + 1}'s grafted "
@@ -72,7 +77,7 @@ def resume(cfg: Config, topo: Topology, point: checkpoint.ResumePoint) -> list[E
     if topo.is_leader:
         with together(topo, "resume", leaders_only=True):                         # collective: leaders
             _forget_after(run_dir, topo.network, agreed)
-    late = point.grafter.resume(point.model) if cfg.grafting.enabled and topo.networks > 1 else None  # every rank
+    late = point.grafter.resume(point.model) if grafting else None                  # collective: every rank
     if late is not None and point.record is not None:
         point.record.add_graft(late)
     if topo.is_leader:

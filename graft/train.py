@@ -183,7 +183,8 @@ def run(cfg: Config, topo: Topology, loaders: Loaders) -> dict | None:
     """Train this rank's network for ``cfg.epochs``; returns the run's summary on rank 0."""
     t = setup(cfg, topo, len(loaders.train))                                            # collective: replicas
     point = ResumePoint(t.model, t.optimizer, t.scheduler, t.scaler, t.grafter, topo.device)
-    resumed = resume(cfg, topo, point) if cfg.resume == "auto" else []                  # collective: every rank
+    resumed = (resume(cfg, topo, point, grafting=t.grafting, per_step=t.per_step)     # collective: every rank
+               if cfg.resume == "auto" else [])
     out = RunLog(cfg, point.epoch + 1, resumed) if topo.is_main else None
     for epoch in range(point.epoch + 1, cfg.epochs):
         start = time.perf_counter()

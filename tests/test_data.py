@@ -184,6 +184,28 @@ def test_a_foreign_cache_file_is_rebuilt(tmp_path):
     assert train.images.shape == (1000, 3, 32, 32)
 
 
+def test_a_stop_while_reading_the_cache_goes_through_and_a_cut_cache_is_rebuilt(tmp_path, monkeypatch):
+    """Ctrl-C (graft's Stop) or MemoryError while the cache was read were taken for a damaged
+    cache: the archive was decoded again and the stop was lost."""
+    from graft.errors import Stop
+
+    cfg = tar_cfg(tmp_path)
+    load_arrays(cfg)
+    (cache,) = (tmp_path / "cache").glob("*.pt")
+    for error in (Stop("received SIGINT: stopped between steps"), MemoryError()):
+        def interrupted(*args, error=error, **kwargs):
+            raise error
+
+        with monkeypatch.context() as m:
+            m.setattr(torch, "load", interrupted)
+            with pytest.raises(type(error)):
+                load_arrays(cfg)
+    for cut in (100, cache.stat().st_size // 2):  # torch's reader: RuntimeError, or EINVAL from a seek
+        cache.write_bytes(cache.read_bytes()[:cut])
+        train, *_ = load_arrays(cfg)
+        assert train.images.shape == (1000, 3, 32, 32)
+
+
 def test_subsets_are_balanced_and_first_k(tmp_path, full):
     train, test, *_ = load_arrays(tar_cfg(tmp_path, train_subset=200, test_subset=55))
     assert torch.bincount(train.labels).tolist() == [20] * 10
@@ -397,10 +419,10 @@ def test_replicas_see_disjoint_shares():
     assert not set(shares[0].tolist()) & set(shares[1].tolist())
     interleaved = torch.stack(shares, 1).reshape(-1)
     assert torch.equal(interleaved, whole.indices()[:300])
-    # Eval: disjoint and complete, nothing dropped.
-    evals = [collect(InMemoryLoader(split, 32, train=False, device="cpu", rank_in_group=r,
-                                    group_size=2, **IDENTITY))[1] for r in range(2)]
-    assert sorted(torch.cat(evals).tolist()) == list(range(301))
+    # Evaluation is never sharded: every replica evaluates the whole split.
+    with pytest.raises(ValueError, match="group_size: evaluation is never sharded"):
+        InMemoryLoader(split, 32, train=False, device="cpu", rank_in_group=1, group_size=2, **IDENTITY)
+    assert collect(InMemoryLoader(split, 32, train=False, device="cpu", **IDENTITY))[1].tolist() == list(range(301))
 
 
 # ---------------------------------------------------------------- folder loaders
