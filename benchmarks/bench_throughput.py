@@ -25,6 +25,7 @@ from PIL import Image
 from common import write_section
 from graft.config import DataConfig
 from graft.data import InMemoryLoader, load_arrays
+from graft.engine import is_channels_last, to_device
 from graft.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +58,7 @@ def train_steps(model, batches, steps: int, warmup: int, device: torch.device, b
     """Images per second over ``steps`` SGD steps after ``warmup`` steps (``bf16``: under
     ``torch.autocast(device, torch.bfloat16)``, what ``amp=bf16`` does)."""
     model.train()
+    channels_last = is_channels_last(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     seen, start = 0, None
@@ -65,7 +67,7 @@ def train_steps(model, batches, steps: int, warmup: int, device: torch.device, b
             sync()
             start = time.perf_counter()
             seen = 0
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = to_device(images, labels, device, channels_last)  # as graft's engine does
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(images), labels)
         opt.zero_grad(set_to_none=True)
@@ -81,8 +83,7 @@ def ours(model_name, split, mean, std, steps, warmup, device, channels_last=True
     model = build_model(model_name, 10).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = InMemoryLoader(split, 128, train=True, device=device, mean=mean, std=std, seed=0,
-                            channels_last=channels_last)
+    loader = InMemoryLoader(split, 128, train=True, device=device, mean=mean, std=std, seed=0)
     return train_steps(model, epochs(loader), steps, warmup, device, bf16=bf16)
 
 

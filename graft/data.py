@@ -442,8 +442,7 @@ class InMemoryLoader:
     PAD = 4
 
     def __init__(self, split: ArraySplit, batch_size: int, *, train: bool, device, mean, std,
-                 seed: int = 0, channels_last: bool = False, drop_last: bool = False,
-                 rank_in_group: int = 0, group_size: int = 1):
+                 seed: int = 0, drop_last: bool = False, rank_in_group: int = 0, group_size: int = 1):
         if not 0 <= rank_in_group < group_size:
             raise ValueError(f"rank_in_group must be in [0, {group_size}), got {rank_in_group}")
         if group_size > 1 and not train:
@@ -454,7 +453,6 @@ class InMemoryLoader:
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
-        self.channels_last = channels_last
         self.drop_last = drop_last
         self.rank_in_group = rank_in_group
         self.group_size = group_size
@@ -497,8 +495,6 @@ class InMemoryLoader:
             if g is not None:
                 images = self.augment(images, g)
             x = torch.addcmul(self._shift, images.float(), self._scale)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
 
     @classmethod
@@ -544,7 +540,7 @@ class Loaders(NamedTuple):
 
 
 def build_loaders(cfg: DataConfig, batch_size: int, eval_batch_size: int, *, seed: int, device,
-                  channels_last: bool = False, rank_in_group: int = 0, group_size: int = 1,
+                  rank_in_group: int = 0, group_size: int = 1,
                   splits: Splits | None = None, train: bool = True) -> Loaders:
     """The loaders of one replica: in memory when ``cfg.in_memory`` (``splits`` when the caller
     has loaded them already), else DataLoaders over an ImageFolder tree. ``seed`` fixes the
@@ -555,7 +551,7 @@ def build_loaders(cfg: DataConfig, batch_size: int, eval_batch_size: int, *, see
                                     group_size=group_size, pin_memory=torch.device(device).type == "cuda",
                                     train=train)
     data = load_arrays(cfg) if splits is None else splits
-    common = dict(device=device, mean=data.mean, std=data.std, channels_last=channels_last)
+    common = dict(device=device, mean=data.mean, std=data.std)
     train = InMemoryLoader(data.train, batch_size, train=True, seed=seed, rank_in_group=rank_in_group,
                            group_size=group_size, **common) if train else None
     check_usable(cfg, data.num_classes, len(data.eval), len(data.test))

@@ -61,7 +61,8 @@ def machine_name() -> str:
 
 def is_channels_last(model) -> bool:
     """Whether the model's weights are channels_last (``channels_last: true`` converts the model);
-    its batches then follow it on the device (``to_device``), so the model alone says the format."""
+    every loader's batches then follow it on the device (``to_device``), so the model alone says
+    the format."""
     for p in model.parameters():
         if p.dim() == 4:  # a conv's weight; one of 1 x 1 kernels, or of one channel, is in both formats
             last, plain = p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()
@@ -71,8 +72,8 @@ def is_channels_last(model) -> bool:
 
 
 def to_device(images, labels, device, channels_last: bool):
-    """A batch on the device, 4-D images made channels_last there when ``channels_last``: folder
-    data's DataLoader batches arrive contiguous (InMemoryLoader's already are, which costs nothing)."""
+    """A batch on the device, 4-D images made channels_last there when ``channels_last`` (the
+    loaders, in memory or over folders, yield contiguous batches)."""
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     if channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)

@@ -63,7 +63,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides=(), dev
     if dev.type == "cuda" and (dev.index or 0) >= gpus:
         raise ConfigError(f"--device {device}: this machine has {gpus} CUDA GPU(s), cuda:0 to cuda:{gpus - 1}")
     loaders = build_loaders(dataclasses.replace(cfg.data, workers=0), 1, cfg.eval_batch_size, seed=0,
-                            device=dev, channels_last=cfg.channels_last, train=False)
+                            device=dev, train=False)
     loader = loaders.eval if split == "val" else loaders.test
     # num_classes 0 (every shipped config): from the data, as graft-train does.
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or loaders.num_classes)

@@ -94,8 +94,7 @@ def make_loaders(cfg: Config, topo: Topology) -> Loaders:
         if topo.local_rank != 0:
             splits = load_arrays(cfg.data)
     loaders = build_loaders(cfg.data, cfg.batch_size, cfg.eval_batch_size, seed=data_seed, device=topo.device,
-                            channels_last=cfg.channels_last, rank_in_group=topo.replica,
-                            group_size=topo.replicas, splits=splits)
+                            rank_in_group=topo.replica, group_size=topo.replicas, splits=splits)
     if len(loaders.train) == 0:
         raise DataError(f"batch_size={cfg.batch_size}: larger than the training set of this network's "
                         "replica; nothing to train (lower batch_size)")

@@ -374,12 +374,6 @@ def test_eval_order_fixed_and_normalized(full):
     assert ((x.std(dim=(0, 2, 3)) - 1).abs() < 0.2).all()
 
 
-def test_channels_last():
-    loader = InMemoryLoader(id_split(10), 4, train=True, device="cpu", channels_last=True, **IDENTITY)
-    x, y = next(iter(loader))
-    assert x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
-
-
 def test_crops_are_shifted_windows():
     loader = InMemoryLoader(id_split(256, value=255), 256, train=True, device="cpu", **IDENTITY)
     x, _ = next(iter(loader))

@@ -41,9 +41,9 @@ def train(model, loader):
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_folder_batches_follow_the_models_memory_format(channels_last):
-    """channels_last: true converted the model and InMemoryLoader's batches, but folder data's
-    DataLoader batches (data.in_memory: false) went to the model contiguous."""
+def test_batches_follow_the_models_memory_format(channels_last):
+    """channels_last: true converts the model; every loader's batches (contiguous, as both the
+    in-memory and the folder loaders yield them) follow it on the device."""
     model = Recorder()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -54,7 +54,7 @@ def test_folder_batches_follow_the_models_memory_format(channels_last):
 
 
 def test_channels_last_batches_are_not_copied():
-    """InMemoryLoader's batches are channels_last already: they go through as they are."""
+    """A batch that is channels_last already (a script's own loader) goes through as it is."""
     model = Recorder().to(memory_format=torch.channels_last)
     given = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches(1)]
     inputs = []
