@@ -40,6 +40,8 @@ __all__ = [
     "blend_reference",
     "filter_offsets",
     "check_compatible",
+    "layout",
+    "layout_difference",
     "first_non_finite",
     "first_non_finite_given",
     "count_invalid_filters",
@@ -364,21 +366,32 @@ def _reference_plan(state: Mapping[str, Tensor], keys: list[str]) -> GraftPlan:
 # --------------------------------------------------------------------------------------------
 
 
+def layout(state: Mapping[str, Tensor]) -> list[tuple[str, tuple, str]]:
+    """(key, shape, dtype) of each tensor, in order: what two states to be blended must share."""
+    return [(k, tuple(t.shape), str(t.dtype)) for k, t in state.items()]
+
+
+def layout_difference(first: list[tuple], other: list[tuple], names=("own", "peer")) -> str | None:
+    """Where two layouts (``layout``) first differ, the sides called ``names``; None where they match."""
+    a, b = names
+    for i, ((key, shape, dtype), (their_key, their_shape, their_dtype)) in enumerate(zip(first, other)):
+        if key != their_key:
+            return f"key #{i}: {key!r} in {a}, {their_key!r} in {b}"
+        if shape != their_shape:
+            return f"{key!r}: shape {shape} in {a}, {their_shape} in {b}"
+        if dtype != their_dtype:
+            return f"{key!r}: dtype {dtype} in {a}, {their_dtype} in {b}"
+    if len(first) == len(other):
+        return None
+    longer, where = (first, a) if len(first) > len(other) else (other, b)
+    return f"{longer[min(len(first), len(other))][0]!r} only in {where}"
+
+
 def check_compatible(own: Mapping[str, Tensor], peer: Mapping[str, Tensor]) -> None:
     """Raise ValueError naming the first key where the two states differ in name, shape or dtype."""
-    own_keys, peer_keys = list(own.keys()), list(peer.keys())
-    for i, (a, b) in enumerate(zip(own_keys, peer_keys)):
-        if a != b:
-            raise ValueError(f"peer state differs at key #{i}: own {a!r}, peer {b!r}")
-    if len(own_keys) != len(peer_keys):
-        longer, name = (own_keys, "own") if len(own_keys) > len(peer_keys) else (peer_keys, "peer")
-        raise ValueError(f"key {longer[min(len(own_keys), len(peer_keys))]!r} only in the {name} state")
-    for key in own_keys:
-        a, b = own[key], peer[key]
-        if a.shape != b.shape:
-            raise ValueError(f"peer state key {key!r}: shape {tuple(b.shape)} != own {tuple(a.shape)}")
-        if a.dtype != b.dtype:
-            raise ValueError(f"peer state key {key!r}: dtype {b.dtype} != own {a.dtype}")
+    differ = layout_difference(layout(own), layout(peer), ("the own state", "the peer state"))
+    if differ is not None:
+        raise ValueError(f"the states differ: {differ}")
 
 
 def first_non_finite(state: Mapping[str, Tensor]) -> str | None:

@@ -226,7 +226,7 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
     The refusal is worded from what the leaders gathered, against network 0, so it is the same
     line on every leader (said once, by rank 0, and once by graft-run)."""
     bad_layer = spec.criterion_rule.first_non_finite(state, plan, scores)
-    shapes = [(k, tuple(t.shape), str(t.dtype)) for k, t in state.items()]
+    shapes = core.layout(state)
     layout = _checksum(shapes)
     transport = "ring" if exchange == "auto" else exchange
     head = torch.tensor([0.0 if bad_layer is None else 1.0, layout, _checksum((plan.layers, plan.follows)),
@@ -241,7 +241,8 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
     elif other := _differing(heads, 1):
         layouts = all_gather_objects(topo, shapes)                               # leaders
         message = (f"{_hold(other)} a model with other keys, shapes or dtypes than network 0's "
-                   f"({layout_difference(layouts[0], layouts[other[0]], other[0])}); grafting needs one architecture")
+                   f"({core.layout_difference(layouts[0], layouts[other[0]], ('network 0', f'network {other[0]}'))}); "
+                   "grafting needs one architecture")
     elif _differing(heads, 3):  # before the plan, which the criterion shapes (reference groups otherwise)
         settings = all_gather_objects(topo, spec.settings())                     # leaders
         for k, theirs in enumerate(settings[1:], start=1):
@@ -262,19 +263,6 @@ def _refusal(topo: Topology, state: dict[str, Tensor], plan: core.GraftPlan, spe
     error = GraftError(f"{when}: {message}")
     error.everywhere = True  # the same words on every leader
     return error
-
-
-def layout_difference(first: list[tuple], other: list[tuple], k: int) -> str:
-    """The first (key, shape, dtype) where network ``k``'s model differs from network 0's."""
-    for i, ((key, shape, dtype), (their_key, their_shape, their_dtype)) in enumerate(zip(first, other)):
-        if key != their_key:
-            return f"key #{i}: {key!r} in network 0, {their_key!r} in network {k}"
-        if shape != their_shape:
-            return f"{key!r}: shape {shape} in network 0, {their_shape} in network {k}"
-        if dtype != their_dtype:
-            return f"{key!r}: {dtype} in network 0, {their_dtype} in network {k}"
-    longer, where = (first, "network 0") if len(first) > len(other) else (other, f"network {k}")
-    return f"{longer[min(len(first), len(other))][0]!r} only in {where}"
 
 
 def _differing(heads: Tensor, column: int) -> list[int]:

@@ -166,14 +166,16 @@ def test_dead_peer_during_training_is_named_by_the_launcher(tmp_path):
 
 def test_the_first_layout_difference_is_named():
     """Another architecture is refused naming where it differs first, against network 0."""
-    from graft.exchange import layout_difference
+    from graft.core import layout_difference
 
     a = [("conv.weight", (8, 3, 3, 3), "torch.float32"), ("fc.weight", (10, 8), "torch.float32")]
-    assert layout_difference(a, [a[0], ("head.weight", (10, 8), "torch.float32")], 2) == \
+    names = ("network 0", "network 2")
+    assert layout_difference(a, [a[0], ("head.weight", (10, 8), "torch.float32")], names) == \
         "key #1: 'fc.weight' in network 0, 'head.weight' in network 2"
-    assert layout_difference(a, [a[0], ("fc.weight", (100, 8), "torch.float32")], 1) == \
-        "'fc.weight': shape (10, 8) in network 0, (100, 8) in network 1"
-    assert layout_difference(a, [a[0], ("fc.weight", (10, 8), "torch.float16")], 1) == \
-        "'fc.weight': torch.float32 in network 0, torch.float16 in network 1"
-    assert layout_difference(a, a[:1], 1) == "'fc.weight' only in network 0"
-    assert layout_difference(a[:1], a, 3) == "'fc.weight' only in network 3"
+    assert layout_difference(a, [a[0], ("fc.weight", (100, 8), "torch.float32")], names) == \
+        "'fc.weight': shape (10, 8) in network 0, (100, 8) in network 2"
+    assert layout_difference(a, [a[0], ("fc.weight", (10, 8), "torch.float16")], names) == \
+        "'fc.weight': dtype torch.float32 in network 0, torch.float16 in network 2"
+    assert layout_difference(a, a[:1], names) == "'fc.weight' only in network 0"
+    assert layout_difference(a[:1], a, names) == "'fc.weight' only in network 2"
+    assert layout_difference(a, list(a), names) is None
