@@ -217,7 +217,8 @@ def test_graft_eval_errors_name_the_file(tmp_path):
     missing = tmp_path / "run" / "checkpoints" / "net0" / "best.pt"
     proc = subprocess.run([sys.executable, "-m", "graft.evaluate", str(missing)], capture_output=True, text=True,
                           env=env(), cwd=ROOT)
-    assert proc.returncode == 1 and proc.stderr.startswith(f"graft-eval: error: {missing}: unreadable checkpoint")
+    assert proc.returncode == 1 and proc.stderr.startswith(
+        f"graft-eval: error: {missing}: cannot read the checkpoint (No such file or directory)")
 
 
 def test_graft_eval_refuses_a_device_this_machine_lacks_and_a_path_outside_a_run(tmp_path, monkeypatch):
