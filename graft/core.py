@@ -598,11 +598,11 @@ def invalid_in_both(own, peer, thresholds: Iterable[float] = (0.1, 0.01)) -> dic
     can revive an invalid filter only where the peer's is valid: these it cannot. (Between
     networks that never blended, positions do not correspond and the overlap is chance.)"""
     thresholds = tuple(float(t) for t in thresholds)
+    own, peer = (m.state_dict() if isinstance(m, torch.nn.Module) else m for m in (own, peer))
+    check_compatible(own, peer)
     peer_norms = dict(_filter_norms(peer))
     counts = dict.fromkeys(thresholds, 0)
     for name, norms in _filter_norms(own):
-        if name not in peer_norms or peer_norms[name].shape != norms.shape:
-            raise ValueError(f"{name}: not in both models with one shape; compare models of one architecture")
         worst = torch.maximum(norms, peer_norms[name].to(norms.device))
         for t in thresholds:
             counts[t] += int((worst < t).sum())

@@ -447,7 +447,7 @@ def test_invalid_in_both_counts_the_filters_no_graft_can_revive():
     # linear layer is no conv.
     assert invalid_in_both(own, peer, (0.1, 0.01)) == {0.1: 2, 0.01: 2}
     assert invalid_in_both(own, own, (0.1,)) == {0.1: 3}
-    with pytest.raises(ValueError, match="conv.weight: not in both models"):
+    with pytest.raises(ValueError, match=r"the states differ: 'conv.weight': shape \(4, 1, 1, 1\) in the own state"):
         invalid_in_both(own, {"conv.weight": torch.zeros(2, 1, 1, 1)})
 
 

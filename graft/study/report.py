@@ -67,8 +67,8 @@ def _run_result(run: Run) -> dict:
     strays = [abs(layer["alpha"] - 0.5) for r in records for layer in r.graft]
     epoch_seconds = sum(r.epoch_seconds for r in records)
     trained = max(sum(r.epoch_seconds for r in records if r.network == k) for k in {r.network for r in records})
-    weights = run.archive / "weights.json"
-    weights = read_json(weights) if weights.exists() else {}
+    weights_file = run.archive / "weights.json"
+    weights = read_json(weights_file) if weights_file.exists() else {}
     curve, invalid_curve = {}, {}
     for r in records:
         curve.setdefault(r.epoch, []).append(r.acc)
